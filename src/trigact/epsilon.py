@@ -1,0 +1,32 @@
+"""Epsilons as the papers write them: ``8/255``, ``0.031``, ``0``."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+from trigact.errors import TrigactError
+
+
+def parse_eps(value, name: str = "eps", allow_zero: bool = True) -> float:
+    """Parse a non-negative epsilon given as a number or a string like ``'8/255'``.
+
+    Hydra passes ``trigger.eps=8/255`` through as the string ``'8/255'``; this turns it into a float
+    and rejects negatives with a one-line error naming the value.
+    """
+    if isinstance(value, bool):
+        raise TrigactError(f"{name}={value!r} is not a number; write e.g. 8/255 or 0.03")
+    if isinstance(value, (int, float)):
+        eps = float(value)
+    elif isinstance(value, str):
+        try:
+            eps = float(Fraction(value.strip().replace(" ", "")))
+        except (ValueError, ZeroDivisionError):
+            raise TrigactError(f"{name}={value!r} is not a number; write e.g. 8/255 or 0.03") from None
+    else:
+        raise TrigactError(f"{name}={value!r} is not a number; write e.g. 8/255 or 0.03")
+    if eps != eps or eps in (float("inf"), float("-inf")):
+        raise TrigactError(f"{name}={value!r} must be finite")
+    if eps < 0 or (eps == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise TrigactError(f"{name}={value!r} must be {bound} (pixels are in [0, 1]; e.g. 8/255)")
+    return eps
