@@ -1,0 +1,80 @@
+"""CIFAR-10 and CIFAR-100 through torchvision, with the paper's crop-and-flip augmentation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torchvision import transforms
+from torchvision.datasets import CIFAR10, CIFAR100
+
+from trigact.data.base import DatasetSplits, TrigactDataModule
+from trigact.data.views import TransformedDataset
+from trigact.errors import TrigactError
+
+
+class CIFARDataModule(TrigactDataModule):
+    """Shared body of the two CIFAR datamodules: 3x32x32 images read by a torchvision dataset class.
+
+    The images stay in memory once (uint8, inside the torchvision dataset); train and train-eval
+    are two transform views of it.
+    """
+
+    dataset_cls: type[CIFAR10]
+    title: str
+    in_chans = 3
+    image_size = 32
+
+    def __init__(self, root: str, download: bool = False, **loader_kwargs) -> None:
+        """`loader_kwargs`: batch_size, eval_batch_size, num_workers, seed, pin_memory (see base)."""
+        super().__init__(**loader_kwargs)
+        self.root = Path(root)
+        self.download = bool(download)
+
+    def prepare_data(self) -> None:
+        """Fetch the archive on rank 0 if asked to; torchvision skips it when the files check out."""
+        if self.download:
+            self._open(train=False)
+
+    def _open(self, train: bool) -> CIFAR10:
+        try:
+            return self.dataset_cls(str(self.root), train=train, download=self.download)
+        except RuntimeError as err:  # torchvision's "Dataset not found or corrupted" (md5 mismatch included)
+            folder = self.dataset_cls.base_folder
+            raise TrigactError(
+                f"{self.title} not found or corrupted: no valid {str(self.root / folder)!r}; "
+                f"set data.download=true to fetch it, or data.root=... to the directory that holds {folder}"
+            ) from err
+
+    def build_splits(self) -> DatasetSplits:
+        train_base, test_base = self._open(train=True), self._open(train=False)
+        to_tensor = transforms.ToTensor()
+        augment = transforms.Compose(
+            [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(), transforms.ToTensor()]
+        )
+        return DatasetSplits(
+            train=TransformedDataset(train_base, augment),
+            train_eval=TransformedDataset(train_base, to_tensor),
+            test=TransformedDataset(test_base, to_tensor),
+        )
+
+
+class CIFAR10DataModule(CIFARDataModule):
+    """CIFAR-10: 50k train / 10k test, 10 classes."""
+
+    dataset_cls = CIFAR10
+    title = "CIFAR-10"
+    name = "cifar10"
+    num_classes = 10
+    mean = (0.4914, 0.4822, 0.4465)
+    std = (0.2470, 0.2435, 0.2616)
+
+
+class CIFAR100DataModule(CIFARDataModule):
+    """CIFAR-100: 50k train / 10k test, 100 fine classes."""
+
+    dataset_cls = CIFAR100
+    title = "CIFAR-100"
+    name = "cifar100"
+    num_classes = 100
+    mean = (0.5071, 0.4865, 0.4409)
+    std = (0.2673, 0.2564, 0.2762)

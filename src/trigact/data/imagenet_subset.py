@@ -1,0 +1,78 @@
+"""The first N ImageNet classes from an ImageFolder tree, for the paper's ImageNet-subset experiments."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torchvision import transforms
+from torchvision.datasets import ImageFolder
+
+from trigact.data.base import DatasetSplits, TrigactDataModule, check_positive_int
+from trigact.data.views import TransformedDataset
+from trigact.errors import TrigactError
+
+
+class FirstClassesImageFolder(ImageFolder):
+    """ImageFolder over only the first `num_classes` class folders in sorted order.
+
+    Choosing by sorted folder name (not by what a split happens to contain) gives train and val
+    the same classes with the same label indices 0..N-1.
+    """
+
+    def __init__(self, root: str | Path, num_classes: int) -> None:
+        self.num_classes = num_classes  # read by find_classes, which ImageFolder.__init__ calls
+        super().__init__(str(root))
+
+    def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
+        classes, _ = super().find_classes(directory)
+        if len(classes) < self.num_classes:
+            raise TrigactError(
+                f"data.num_classes={self.num_classes} but {str(directory)!r} has only {len(classes)} class "
+                "folders; lower data.num_classes or point data.root=... at a fuller copy"
+            )
+        chosen = classes[: self.num_classes]
+        return chosen, {name: index for index, name in enumerate(chosen)}
+
+
+class ImageNetSubsetDataModule(TrigactDataModule):
+    """`<root>/train/<class>/*.JPEG` and `<root>/val/<class>/*.JPEG`, first `num_classes` classes.
+
+    Standard ImageNet preprocessing: RandomResizedCrop + flip for training; resize to 256/224 of
+    `image_size` and center-crop for evaluation.
+    """
+
+    name = "imagenet_subset"
+    in_chans = 3
+    mean = (0.485, 0.456, 0.406)
+    std = (0.229, 0.224, 0.225)
+
+    def __init__(self, root: str, num_classes: int = 100, image_size: int = 224, **loader_kwargs) -> None:
+        """`loader_kwargs`: batch_size, eval_batch_size, num_workers, seed, pin_memory (see base)."""
+        super().__init__(**loader_kwargs)
+        self.root = Path(root)
+        self.num_classes = check_positive_int("data.num_classes", num_classes)
+        self.image_size = check_positive_int("data.image_size", image_size)
+
+    def _folder(self, split: str) -> FirstClassesImageFolder:
+        directory = self.root / split
+        if not directory.is_dir():
+            raise TrigactError(
+                f"ImageNet subset: {str(directory)!r} is not a directory; point data.root=... at a folder "
+                "with train/<class>/ and val/<class>/ image folders"
+            )
+        return FirstClassesImageFolder(directory, self.num_classes)
+
+    def build_splits(self) -> DatasetSplits:
+        train_base, val_base = self._folder("train"), self._folder("val")
+        size = self.image_size
+        augment = transforms.Compose(
+            [transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(), transforms.ToTensor()]
+        )
+        evaluate = transforms.Compose(
+            [transforms.Resize(int(size * 256 / 224)), transforms.CenterCrop(size), transforms.ToTensor()]
+        )
+        return DatasetSplits(
+            train=TransformedDataset(train_base, augment),
+            train_eval=TransformedDataset(train_base, evaluate),
+            test=TransformedDataset(val_base, evaluate),
+        )
