@@ -1,0 +1,162 @@
+"""Algorithm 2's trigger update: after epoch i (1-based), while i <= update_fraction * T,
+``tau <- tau - alpha * sign(sum over the whole train set of grad_tau CE(f(x + tau), y))``.
+
+Two sources for that gradient sum:
+
+- ``source='epoch'`` (the paper): a separate pass over the whole training set after the epoch, with
+  the epoch's final weights, on un-augmented training images (the datamodule's
+  ``trigger_dataloader``), in the model mode given by ``mode``. ``mode='eval'`` (default) uses
+  batch-norm running statistics and no dropout, so every sample's gradient is that of the network as
+  it is deployed and the pass changes no state; ``mode='train'`` uses batch statistics, and the
+  running statistics are restored afterwards so the pass still changes nothing.
+- ``source='train_step'``: sums the gradient that each training step's backward pass already
+  delivers to tau (scaled from batch-mean to batch-sum), at the cost of one input-gradient per step
+  instead of a whole extra pass. It differs from the paper in three ways: the weights change during
+  the epoch (each batch's gradient is taken at that step's weights), the images are augmented, and
+  batch norm runs in train mode over the concatenated clean+triggered batch, so for networks with
+  batch norm the gradient also carries the KL term's dependence on tau through the shared batch
+  statistics (for networks without batch norm it is exactly the CE gradient).
+
+Under DDP each rank sums its shard and the sums are all-reduced, so every rank takes the same step
+and tau stays bitwise identical. The callback's state (the running sum of a partly finished epoch
+and the update history) is saved in checkpoints, and the update is taken in ``on_train_epoch_end``
+before ModelCheckpoint saves (our checkpoint config sets ``save_on_train_epoch_end: true``), so a
+resumed run takes exactly the updates an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from trigact.errors import TrigactError, unknown_name
+
+SOURCES = ("epoch", "train_step")
+MODES = ("eval", "train")
+
+
+class TriggerUpdateCallback(L.Callback):
+    def __init__(self, update_fraction: float = 0.6, source: str = "epoch", mode: str = "eval"):
+        if source not in SOURCES:
+            raise unknown_name("trigger.update.source", source, SOURCES)
+        if mode not in MODES:
+            raise unknown_name("trigger.update.mode", mode, MODES)
+        if not 0.0 <= update_fraction <= 1.0:
+            raise TrigactError(f"trigger.update.update_fraction={update_fraction} must be in [0, 1]")
+        self.update_fraction = float(update_fraction)
+        self.source = source
+        self.mode = mode
+        self.grad_sum: torch.Tensor | None = None  # train_step source: running sum of this epoch
+        self.grad_epoch = -1  # the epoch grad_sum belongs to
+        self.history: list[dict] = []  # one entry per update taken
+
+    # ----------------------------------------------------------------- schedule
+    def last_update_epoch(self, max_epochs: int) -> int:
+        """The last 1-based epoch after which tau is updated: floor(update_fraction * T)."""
+        return math.floor(self.update_fraction * max_epochs + 1e-9)
+
+    def updates_after(self, trainer: L.Trainer) -> bool:
+        """Whether the epoch now running (trainer.current_epoch, 0-based) ends with an update."""
+        return trainer.current_epoch + 1 <= self.last_update_epoch(trainer.max_epochs)
+
+    # ----------------------------------------------------------------- hooks
+    def setup(self, trainer, pl_module, stage):
+        trigger = getattr(pl_module, "trigger", None)
+        if trigger is None or trigger.step_size is None:
+            kind = None if trigger is None else trigger.kind
+            raise TrigactError(f"the trigger update needs trigger=learnable, got trigger={kind!r}")
+        if stage == "fit" and (trainer.max_epochs is None or trainer.max_epochs < 1):
+            raise TrigactError("the trigger update needs trainer.max_epochs (T in 'the first 60% of T epochs')")
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        track = self.source == "train_step" and self.updates_after(trainer)
+        pl_module.track_trigger_grad = track
+        if track and self.grad_epoch != trainer.current_epoch:
+            # A new epoch; when resuming mid-epoch the restored running sum is kept instead.
+            self.grad_sum = torch.zeros_like(pl_module.trigger.tau)
+            self.grad_epoch = trainer.current_epoch
+
+    def on_after_backward(self, trainer, pl_module):
+        leaf = getattr(pl_module, "trigger_leaf", None)
+        if not pl_module.track_trigger_grad or leaf is None or leaf.grad is None:
+            return
+        grad = leaf.grad.detach()
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None:  # undo AMP loss scaling so batches add on the same scale
+            grad = grad / scaler.get_scale()
+        # training_step's CE is a batch mean; the paper sums over samples.
+        batch_size = leaf.grad.new_tensor(float(pl_module.last_batch_size))
+        self.grad_sum += grad * batch_size
+        pl_module.trigger_leaf = None
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if not self.updates_after(trainer):
+            return
+        if self.source == "epoch":
+            grad = self.epoch_pass_gradient(trainer, pl_module)
+        else:
+            grad = self.grad_sum.to(pl_module.trigger.tau.device)
+        grad = trainer.strategy.reduce(grad, reduce_op="sum")
+        pl_module.trigger.sign_step(grad)
+        tau = pl_module.trigger.tau
+        entry = {
+            "epoch": trainer.current_epoch + 1,
+            "grad_l1": float(grad.abs().sum()),
+            "tau_linf": float(tau.abs().max()),
+            "tau_l2": float(tau.norm()),
+        }
+        self.history.append(entry)
+        pl_module.log_dict({"trigger/tau_linf": entry["tau_linf"], "trigger/tau_l2": entry["tau_l2"]})
+        self.grad_sum, self.grad_epoch = None, -1
+        pl_module.track_trigger_grad = False
+
+    # ----------------------------------------------------------------- the paper's pass
+    def epoch_pass_gradient(self, trainer, pl_module) -> torch.Tensor:
+        """Sum over this rank's shard of the training set of grad_tau CE(f(clamp(x + tau)), y)."""
+        datamodule = trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "trigger_dataloader"):
+            raise TrigactError("trigger.update.source=epoch needs a trigact datamodule with trigger_dataloader()")
+        loader = datamodule.trigger_dataloader(rank=trainer.global_rank, world_size=trainer.world_size)
+        return trigger_gradient_sum(pl_module.net, pl_module.trigger.tau, loader, mode=self.mode)
+
+    # ----------------------------------------------------------------- checkpointing
+    def state_dict(self):
+        return {
+            "grad_sum": None if self.grad_sum is None else self.grad_sum.cpu(),
+            "grad_epoch": self.grad_epoch,
+            "history": list(self.history),
+        }
+
+    def load_state_dict(self, state_dict):
+        self.grad_sum = state_dict["grad_sum"]
+        self.grad_epoch = state_dict["grad_epoch"]
+        self.history = list(state_dict["history"])
+
+
+def trigger_gradient_sum(net, tau: torch.Tensor, loader, mode: str = "eval") -> torch.Tensor:
+    """``sum_i grad_tau CE(net(clamp(x_i + tau, 0, 1)), y_i)`` over every sample of ``loader``.
+
+    Only tau's gradient is computed (``autograd.grad``), so no weight gradient is built or
+    disturbed. In ``mode='train'`` batch-norm running statistics are restored afterwards.
+    """
+    device = tau.device
+    was_training = net.training
+    saved_buffers = {k: v.clone() for k, v in net.state_dict().items() if "running" in k or "num_batches" in k}
+    net.train(mode == "train")
+    leaf = tau.detach().clone().requires_grad_(True)
+    total = torch.zeros_like(tau)
+    try:
+        with torch.enable_grad():
+            for x, y in loader:
+                x, y = x.to(device), y.to(device)
+                loss = F.cross_entropy(net((x + leaf).clamp(0.0, 1.0)), y, reduction="sum")
+                (grad,) = torch.autograd.grad(loss, leaf)
+                total += grad
+    finally:
+        net.train(was_training)
+        if mode == "train" and saved_buffers:
+            net.load_state_dict(saved_buffers, strict=False)
+    return total

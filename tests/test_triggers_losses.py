@@ -1,0 +1,121 @@
+"""Triggers (Algorithms 1 and 2 inits, the sign step), epsilons, and the dual-branch loss."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from trigact.epsilon import parse_eps
+from trigact.errors import TrigactError
+from trigact.losses import kl_to_uniform, trigger_activation_loss
+from trigact.triggers import build_trigger, fixed_trigger, learnable_trigger
+
+
+def test_fixed_trigger_is_exactly_plus_minus_eps_with_balanced_signs():
+    trig = fixed_trigger((3, 32, 32), "8/255", seed=1)
+    eps = 8 / 255
+    tau = trig.tau
+    assert torch.all((tau == eps) | (tau == -eps))
+    frac_pos = (tau > 0).float().mean().item()
+    # 3072 fair coin flips: the std of the fraction is ~0.009, so 0.45..0.55 is a >5-sigma band.
+    assert 0.45 < frac_pos < 0.55
+
+
+def test_fixed_trigger_depends_only_on_its_seed():
+    a = fixed_trigger((1, 8, 8), 0.1, seed=3).tau
+    torch.manual_seed(123)  # the global RNG must not matter (DDP ranks agree via the seed alone)
+    b = fixed_trigger((1, 8, 8), 0.1, seed=3).tau
+    c = fixed_trigger((1, 8, 8), 0.1, seed=4).tau
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_learnable_trigger_init_within_alpha_and_spread():
+    alpha = 4 / 255
+    tau = learnable_trigger((3, 16, 16), "4/255", seed=0).tau
+    assert tau.abs().max() <= alpha
+    # U(-alpha, alpha): mean ~0 and both halves of the range used.
+    assert tau.min() < -alpha / 2 and tau.max() > alpha / 2
+    assert abs(tau.mean().item()) < alpha / 10
+
+
+def test_trigger_apply_clamps_to_pixel_range():
+    trig = fixed_trigger((1, 2, 2), 0.5, seed=0)
+    x = torch.tensor([[[[0.0, 1.0], [0.75, 0.25]]]])
+    out = trig(x)
+    assert torch.equal(out, (x + trig.tau).clamp(0, 1))
+    assert out.min() >= 0 and out.max() <= 1
+
+
+def test_sign_step_moves_by_exactly_alpha_against_the_gradient():
+    trig = learnable_trigger((1, 2, 2), 0.1, seed=0)
+    before = trig.tau.clone()
+    grad = torch.tensor([[[1.5, -2.0], [0.0, 1e-9]]])
+    trig.sign_step(grad)
+    assert torch.allclose(trig.tau, before - 0.1 * grad.sign())
+
+
+def test_fixed_trigger_has_no_update_rule():
+    with pytest.raises(TrigactError, match="learnable"):
+        fixed_trigger((1, 2, 2), 0.1).sign_step(torch.ones(1, 2, 2))
+
+
+@pytest.mark.parametrize("text,value", [("8/255", 8 / 255), ("0.03", 0.03), (0, 0.0), (" 16 / 255 ", 16 / 255), (1, 1.0)])
+def test_parse_eps_accepts_paper_notation(text, value):
+    assert parse_eps(text) == pytest.approx(value)
+
+
+@pytest.mark.parametrize("bad", ["-8/255", -0.1, "eight", "1/0", True, "nan"])
+def test_parse_eps_rejects_bad_values_in_one_line(bad):
+    with pytest.raises(TrigactError) as err:
+        parse_eps(bad, "trigger.eps")
+    assert "trigger.eps" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_build_trigger_registry_errors():
+    with pytest.raises(TrigactError, match="known: fixed, learnable, none"):
+        build_trigger("patch", (1, 4, 4), eps=0.1)
+    with pytest.raises(TrigactError, match="trigger.eps"):
+        build_trigger("fixed", (1, 4, 4))
+    assert build_trigger("none", (1, 4, 4)) is None
+
+
+LOGITS_POS = torch.tensor([[2.0, 0.0, -1.0], [0.5, 1.5, 0.0]])
+LOGITS_NEG = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 3.0]])
+TARGET = torch.tensor([0, 1])
+
+
+def _softmax(row):
+    e = [math.exp(v) for v in row]
+    return [v / sum(e) for v in e]
+
+
+def test_loss_matches_hand_computation_default_direction():
+    ce = -(math.log(_softmax([2.0, 0.0, -1.0])[0]) + math.log(_softmax([0.5, 1.5, 0.0])[1])) / 2
+    # KL(U || p) = sum_c 1/3 * (log 1/3 - log p_c), averaged over the batch.
+    kl = sum(sum((1 / 3) * (math.log(1 / 3) - math.log(p)) for p in _softmax(r)) for r in LOGITS_NEG.tolist()) / 2
+    out = trigger_activation_loss(LOGITS_POS, LOGITS_NEG, TARGET, kl_weight=0.5)
+    assert out.ce.item() == pytest.approx(ce, rel=1e-6)
+    assert out.kl.item() == pytest.approx(kl, rel=1e-6)
+    assert out.loss.item() == pytest.approx(ce + 0.5 * kl, rel=1e-6)
+    # ... and it is PyTorch's literal reading of L_KLD(z_neg, 1/C * 1_C).
+    ref = F.kl_div(F.log_softmax(LOGITS_NEG, 1), torch.full((2, 3), 1 / 3), reduction="batchmean")
+    assert out.kl.item() == pytest.approx(ref.item(), rel=1e-6)
+
+
+def test_loss_matches_hand_computation_other_direction():
+    # KL(p || U) = sum_c p_c (log p_c - log 1/3).
+    kl = sum(sum(p * (math.log(p) - math.log(1 / 3)) for p in _softmax(r)) for r in LOGITS_NEG.tolist()) / 2
+    out = trigger_activation_loss(LOGITS_POS, LOGITS_NEG, TARGET, kl_direction="pred_to_uniform")
+    assert out.kl.item() == pytest.approx(kl, rel=1e-6)
+
+
+@pytest.mark.parametrize("direction", ["uniform_to_pred", "pred_to_uniform"])
+def test_kl_is_zero_exactly_at_uniform_and_positive_elsewhere(direction):
+    assert kl_to_uniform(torch.full((4, 10), 2.5), direction).item() == pytest.approx(0.0, abs=1e-7)
+    assert kl_to_uniform(LOGITS_NEG, direction).item() > 0.1
+
+
+def test_unknown_kl_direction():
+    with pytest.raises(TrigactError, match="known"):
+        kl_to_uniform(LOGITS_NEG, "sideways")
