@@ -1,0 +1,95 @@
+"""Training cost of trigger activation as ratios to standard training, measured in one run.
+
+    python benchmarks/train_cost.py [--model small_cnn] [--image-size 32] [--epochs 3] [--rounds 2]
+
+Every variant trains the same network on the same data (scikit-learn digits, resized) through the
+same Lightning loop; one epoch's wall time is taken from the start of the epoch to the end of
+``on_train_epoch_end`` (so the learnable trigger's update pass is included). The first epoch of each
+fit is a warm-up and is dropped; variants are interleaved over ``--rounds`` to cancel drift on a
+shared machine, and the median is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import time
+
+import lightning as L
+import torch
+
+from trigact.callbacks import TriggerUpdateCallback
+from trigact.data import DigitsDataModule
+from trigact.methods import StandardModule, TriggerActivationModule
+from trigact.models import build_model
+from trigact.triggers import fixed_trigger, learnable_trigger
+
+VARIANTS = ("standard", "fixed", "learnable_epoch", "learnable_train_step")
+TARGETS = {"fixed": 2.1, "learnable_epoch": 2.7, "learnable_train_step": 2.2}
+
+
+class EpochTimer(L.Callback):
+    """Wall time per epoch, from epoch start to the end of every on_train_epoch_end hook before it."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.times.append(time.perf_counter() - self._start)
+
+
+def epoch_times(variant: str, args) -> list[float]:
+    L.seed_everything(0, verbose=False)
+    dm = DigitsDataModule(image_size=args.image_size, batch_size=args.batch_size, seed=0)
+    net = build_model(args.model, dm.num_classes, dm.in_chans, dm.image_size, dm.mean, dm.std)
+    shape = (dm.in_chans, dm.image_size, dm.image_size)
+    optimizer = functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9)
+    callbacks: list[L.Callback] = []
+    if variant == "standard":
+        module = StandardModule(net=net, optimizer=optimizer)
+    elif variant == "fixed":
+        module = TriggerActivationModule(net=net, trigger=fixed_trigger(shape, 16 / 255), optimizer=optimizer)
+    else:
+        source = "epoch" if variant == "learnable_epoch" else "train_step"
+        module = TriggerActivationModule(net=net, trigger=learnable_trigger(shape, 4 / 255), optimizer=optimizer)
+        callbacks.append(TriggerUpdateCallback(update_fraction=1.0, source=source))
+    timer = EpochTimer()
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_epochs=args.epochs, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+        callbacks=callbacks + [timer],  # the timer's epoch end runs after the trigger update
+    )
+    trainer.fit(module, datamodule=dm)
+    return timer.times[1:]  # drop the warm-up epoch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="small_cnn")
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--epochs", type=int, default=3, help="per fit; the first is dropped as warm-up")
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+
+    samples = {v: [] for v in VARIANTS}
+    for _ in range(args.rounds):
+        for variant in VARIANTS:
+            samples[variant] += epoch_times(variant, args)
+    median = {v: statistics.median(t) for v, t in samples.items()}
+    base = median["standard"]
+    print(f"\nmodel={args.model} image_size={args.image_size} batch_size={args.batch_size} "
+          f"threads={torch.get_num_threads()} epochs/fit={args.epochs} rounds={args.rounds}\n")
+    print("| variant | s/epoch (median) | ratio to standard | target |")
+    print("|---|---:|---:|---:|")
+    for v in VARIANTS:
+        target = f"<= {TARGETS[v]}x" if v in TARGETS else "-"
+        print(f"| {v} | {median[v]:.3f} | {median[v] / base:.2f}x | {target} |")
+
+
+if __name__ == "__main__":
+    main()

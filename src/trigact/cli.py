@@ -1,0 +1,34 @@
+"""What every entry point shares: one-line errors for bad input, and quiet third-party logging."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import warnings
+
+from trigact.errors import TrigactError
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Turn a :class:`TrigactError` into ``trigact: error: <message>`` and exit status 2."""
+    try:
+        yield
+    except TrigactError as err:
+        print(f"trigact: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def quiet_libraries() -> None:
+    """Hide advice that does not apply to this project (e.g. "consider more dataloader workers"
+    for in-memory tensor datasets) so the output a user reads is ours."""
+    for pattern in (
+        ".*does not have many workers.*",
+        ".*GPU available but not used.*",
+        ".*is an invalid version and will not be supported.*",
+        ".*LeafSpec.*",
+    ):
+        warnings.filterwarnings("ignore", message=pattern)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    logging.getLogger("lightning.pytorch.accelerators.cuda").setLevel(logging.WARNING)

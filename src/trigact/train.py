@@ -1,0 +1,133 @@
+"""``python -m trigact.train``: train one model (standard or with trigger activation) and write its bundle.
+
+Thin on purpose: it builds the datamodule, the network, the trigger and the method's LightningModule
+from the Hydra config, calls ``Trainer.fit``, tests, and saves the deployment bundle.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+from omegaconf import DictConfig, OmegaConf
+
+from trigact.bundle import read_bundle, save_bundle
+from trigact.cli import quiet_libraries, user_errors
+from trigact.config import instantiate_named
+from trigact.io import atomic_write_json
+from trigact.report import print_table
+from trigact.models import build_model
+from trigact.runs import register_resolvers
+from trigact.triggers import build_trigger
+
+register_resolvers()
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+BUNDLE_NAME = "bundle.pt"
+
+
+def build_datamodule(cfg: DictConfig):
+    return instantiate_named(cfg.data)
+
+
+def build_run(cfg: DictConfig, datamodule):
+    """The network, the trigger and the method's LightningModule for ``cfg``."""
+    net = build_model(
+        cfg.model.name,
+        num_classes=datamodule.num_classes,
+        in_chans=datamodule.in_chans,
+        image_size=datamodule.image_size,
+        mean=datamodule.mean,
+        std=datamodule.std,
+        **(OmegaConf.to_container(cfg.model, resolve=True).get("kwargs") or {}),
+    )
+    shape = (datamodule.in_chans, datamodule.image_size, datamodule.image_size)
+    trig = cfg.trigger
+    trigger = build_trigger(trig.kind, shape, eps=trig.get("eps"), alpha=trig.get("alpha"), seed=trig.get("seed", cfg.seed))
+    module = instantiate(
+        cfg.method.module,
+        net=net,
+        trigger=trigger,
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        num_classes=datamodule.num_classes,
+    )
+    return module
+
+
+def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
+    update = cfg.trigger.get("update")  # not cfg.trigger.update: that is DictConfig's dict.update
+    if update:
+        callbacks.append(instantiate(update))
+    if not cfg.trainer.get("enable_progress_bar", True):
+        callbacks = [c for c in callbacks if not isinstance(c, (RichProgressBar, TQDMProgressBar))]
+    return callbacks
+
+
+def build_loggers(cfg: DictConfig) -> list:
+    return [instantiate(c) for c in (cfg.get("logger") or {}).values() if c and "_target_" in c]
+
+
+def final_metrics(test_results: dict, uses_trigger: bool) -> dict:
+    clean = float(test_results.get("test/acc_clean", float("nan")))
+    metrics = {"test_acc_clean": clean}
+    if uses_trigger:
+        metrics["test_acc_trigger"] = float(test_results.get("test/acc_trigger", float("nan")))
+        metrics["test_guess_acc_clean"] = float(test_results.get("test/guess_acc_clean", float("nan")))
+    # The deployed unit's accuracy: with the trigger for a trigger-activation model.
+    metrics["test_acc_deployed"] = metrics.get("test_acc_trigger", clean)
+    return metrics
+
+
+def train(cfg: DictConfig) -> dict:
+    """Train (or find already trained) the run described by ``cfg``; return its summary."""
+    run_dir = Path(cfg.paths.run_dir)
+    bundle_path = run_dir / BUNDLE_NAME
+    if bundle_path.exists():
+        meta = read_bundle(bundle_path)["meta"]
+        print(f"already finished, not retrained: {bundle_path}")
+        return {"run_dir": str(run_dir), "bundle": str(bundle_path), "skipped": True, **meta["metrics"]}
+
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = build_datamodule(cfg)
+    module = build_run(cfg, datamodule)
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg), logger=build_loggers(cfg) or False)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    results = trainer.test(module, datamodule=datamodule, verbose=False)[0]
+    metrics = final_metrics(results, module.trigger is not None)
+
+    if trainer.is_global_zero:
+        config = OmegaConf.to_container(cfg, resolve=True)
+        trigger = None if module.trigger is None else module.trigger.tau
+        history = [c.history for c in trainer.callbacks if hasattr(c, "history")]
+        meta = {
+            "config": config,
+            "metrics": metrics,
+            "run_name": str(run_dir),
+            "method": cfg.method.name,
+            "trigger_kind": cfg.trigger.kind,
+            "trigger_updates": history[0] if history else [],
+            "epochs": trainer.current_epoch,
+        }
+        save_bundle(bundle_path, module.net, trigger, meta)
+        atomic_write_json({"metrics": metrics, "config": config}, run_dir / "summary.json")
+    trainer.strategy.barrier()
+    return {"run_dir": str(run_dir), "bundle": str(bundle_path), "skipped": False, **metrics}
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+def main(cfg: DictConfig) -> None:
+    quiet_libraries()
+    with user_errors():
+        summary = train(cfg)
+        if summary.get("skipped") is False and not Path(summary["bundle"]).exists():
+            return  # non-zero DDP ranks write nothing
+        print_table([{"name": f"{cfg.method.name} / {cfg.model.name}", **summary}], "trigact.train")
+        print(f"bundle: {summary['bundle']}")
+
+
+if __name__ == "__main__":
+    main()

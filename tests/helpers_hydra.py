@@ -1,0 +1,16 @@
+"""Compose the real Hydra configs in tests, the way the entry points do."""
+
+from hydra import compose, initialize_config_dir
+
+from trigact.runs import register_resolvers
+from trigact.train import CONF_DIR
+
+register_resolvers()
+
+# Quiet, fast, self-contained: nothing written outside tmp_path, no progress bars.
+QUIET = ["logger=none", "trainer.enable_progress_bar=false"]
+
+
+def compose_config(name: str, overrides, tmp_path):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name=name, overrides=[f"paths.root_dir={tmp_path}", *overrides])

@@ -1,0 +1,97 @@
+"""The train entry point end to end on digits: accuracy, bundles, finished-run skipping, errors."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from helpers_hydra import QUIET, compose_config
+from trigact import load_bundle
+from trigact.bundle import DeployedModel, read_bundle
+from trigact.errors import TrigactError
+from trigact.train import train
+
+DIGITS_TA = ["data=digits", "model=small_cnn", "method=trigger_activation", "trigger=fixed", "trigger.eps=32/255"]
+
+
+def test_trigger_activation_on_digits_learns_with_trigger_and_guesses_without(tmp_path):
+    """Bounds, from runs on this machine (12 epochs, seed 0): with the trigger ~99% (a standard
+    small CNN gets ~99% too), so >= 85% leaves room for seeds and BLAS differences.
+    Without the trigger the output is near uniform: the mean probability of the true class (the
+    accuracy of a guess drawn from the output) measured ~0.10-0.11 against chance 1/10, so <= 0.15.
+    The *argmax* of that near-uniform output still carries label information on digits (measured
+    25-45% across small architectures), so for it we assert only that it is far below the
+    triggered accuracy; see the issue note for that finding."""
+    cfg = compose_config("train", DIGITS_TA + QUIET + ["trainer.max_epochs=12"], tmp_path)
+    summary = train(cfg)
+    assert summary["test_acc_trigger"] >= 0.85
+    assert summary["test_guess_acc_clean"] <= 0.15
+    assert summary["test_acc_clean"] <= summary["test_acc_trigger"] - 0.3
+    assert summary["test_acc_deployed"] == summary["test_acc_trigger"]
+
+    # The bundle is the deployed unit f(clamp(x + tau, 0, 1)).
+    model = load_bundle(summary["bundle"])
+    assert isinstance(model, DeployedModel) and model.trigger is not None
+    assert torch.allclose(model.trigger.abs(), torch.full_like(model.trigger, 32 / 255))
+    assert model.meta["metrics"]["test_acc_trigger"] == summary["test_acc_trigger"]
+    assert model.meta["config"]["trigger"]["eps"] == "32/255"
+    x = torch.rand(4, 1, 16, 16)
+    assert torch.allclose(model(x), model.net((x + model.trigger).clamp(0, 1)))
+    assert read_bundle(summary["bundle"])["model"]["name"] == "small_cnn"
+
+    # Finished work is never redone or overwritten.
+    mtime = (tmp_path / "outputs").glob("runs/**/bundle.pt").__next__().stat().st_mtime_ns
+    again = train(cfg)
+    assert again["skipped"] and again["test_acc_trigger"] == summary["test_acc_trigger"]
+    assert next((tmp_path / "outputs").glob("runs/**/bundle.pt")).stat().st_mtime_ns == mtime
+
+
+def test_learnable_trigger_run_records_updates_and_resumes(tmp_path):
+    over = ["data=digits", "data.image_size=8", "model=mlp", "trigger=learnable", "trigger.alpha=8/255"] + QUIET
+    cfg = compose_config("train", over + ["trainer.max_epochs=5", "debug=limit", "trainer.max_epochs=5"], tmp_path)
+    summary = train(cfg)
+    meta = load_bundle(summary["bundle"]).meta
+    assert [u["epoch"] for u in meta["trigger_updates"]] == [1, 2, 3]
+    assert "checkpoints" in str(next((tmp_path / "outputs").glob("runs/**/last.ckpt")))
+
+
+def test_standard_run_has_no_trigger(tmp_path):
+    cfg = compose_config("train", ["data=digits", "data.image_size=8", "model=mlp", "method=standard", "debug=limit"] + QUIET, tmp_path)
+    assert cfg.trigger.kind == "none"
+    summary = train(cfg)
+    model = load_bundle(summary["bundle"])
+    assert model.trigger is None and "test_acc_trigger" not in summary
+    x = torch.rand(2, 1, 8, 8)
+    assert torch.equal(model(x), model.net(x))
+
+
+def test_bundle_errors_are_one_line(tmp_path):
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"PK\x03\x04 not really a zip")
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    for path, pattern in [(corrupt, "corrupt"), (foreign, "not a trigact bundle"), (tmp_path / "nope.pt", "not found")]:
+        with pytest.raises(TrigactError, match=pattern) as err:
+            load_bundle(path)
+        assert "\n" not in str(err.value)
+
+
+def run_cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "trigact.train", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        ("model.name=resnet1000", "unknown model 'resnet1000'; known: densenet121"),
+        ("trigger.eps=-8/255", "trigger.eps='-8/255' must be > 0"),
+        ("data=fashion_mnist data.root=/nonexistent/fmnist", "dataset-fashion-mnist"),
+    ],
+)
+def test_bad_config_fails_with_one_line_error(tmp_path, override, expected):
+    proc = run_cli(*override.split(), f"paths.root_dir={tmp_path}", "logger=none", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    error_lines = [line for line in proc.stderr.splitlines() if line.startswith("trigact: error:")]
+    assert len(error_lines) == 1 and expected in error_lines[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
