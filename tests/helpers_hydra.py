@@ -1,5 +1,6 @@
 """Compose the real Hydra configs in tests, the way the entry points do."""
 
+import lightning as L
 from hydra import compose, initialize_config_dir
 
 from trigact.runs import register_resolvers
@@ -14,3 +15,19 @@ QUIET = ["logger=none", "trainer.enable_progress_bar=false"]
 def compose_config(name: str, overrides, tmp_path):
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return compose(config_name=name, overrides=[f"paths.root_dir={tmp_path}", *overrides])
+
+
+class SimulatedPreemption(RuntimeError):
+    pass
+
+
+class CrashAtEpochStart(L.Callback):
+    """Simulates preemption when epoch ``epoch`` (0-based) starts, after the previous epoch's
+    checkpoint was written. Used from configs as ``+callbacks.crash._target_=helpers_hydra.CrashAtEpochStart``."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            raise SimulatedPreemption(f"simulated preemption at epoch {self.epoch}")

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from helpers_hydra import QUIET, compose_config
+from helpers_hydra import QUIET, SimulatedPreemption, compose_config
 from trigact import load_bundle
 from trigact.bundle import DeployedModel, read_bundle
 from trigact.errors import TrigactError
@@ -95,3 +95,29 @@ def test_bad_config_fails_with_one_line_error(tmp_path, override, expected):
     error_lines = [line for line in proc.stderr.splitlines() if line.startswith("trigact: error:")]
     assert len(error_lines) == 1 and expected in error_lines[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_resume_from_last_checkpoint_equals_an_uninterrupted_run(tmp_path):
+    """4 epochs straight vs 2 epochs, a crash, and ckpt_path=last to 4: same weights and tau.
+    The learnable trigger updates after epochs 1 and 2 (floor(0.6 * 4)), one on each side of the crash."""
+    over = ["data=digits", "data.image_size=8", "model=small_cnn", "trigger=learnable", "trigger.alpha=8/255",
+            "trainer.max_epochs=4", "trainer.limit_train_batches=4", "trainer.limit_val_batches=1"] + QUIET
+    straight = load_bundle(train(compose_config("train", over, tmp_path / "a"))["bundle"])
+
+    crash = ["+callbacks.crash._target_=helpers_hydra.CrashAtEpochStart", "+callbacks.crash.epoch=2"]
+    with pytest.raises(SimulatedPreemption):
+        train(compose_config("train", over + crash, tmp_path / "b"))
+    assert not list((tmp_path / "b").glob("outputs/runs/**/bundle.pt"))
+    resumed = load_bundle(train(compose_config("train", over + ["ckpt_path=last"], tmp_path / "b"))["bundle"])
+
+    assert [u["epoch"] for u in resumed.meta["trigger_updates"]] == [1, 2]
+    assert torch.allclose(resumed.trigger, straight.trigger, atol=1e-6)
+    assert not torch.equal(resumed.trigger, load_bundle_init_tau(tmp_path))  # tau really moved
+    for (k, a), b in zip(straight.net.state_dict().items(), resumed.net.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6), k
+
+
+def load_bundle_init_tau(tmp_path):
+    from trigact.triggers import learnable_trigger
+
+    return learnable_trigger((1, 8, 8), 8 / 255, seed=0).tau

@@ -143,3 +143,22 @@ def test_update_refuses_a_fixed_trigger(tmp_path, digits8):
 def test_bad_update_options(kwargs):
     with pytest.raises(TrigactError):
         TriggerUpdateCallback(**kwargs)
+
+
+def test_fused_eval_copy_gives_the_same_gradient_and_leaves_the_net_alone(digits8):
+    from trigact.callbacks.trigger_update import eval_copy_with_fused_batchnorm
+
+    module = make_module(digits8, model="tiny_resnet")
+    module.net.train()
+    for m in module.net.modules():  # non-trivial BN statistics, as after training
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    fused = eval_copy_with_fused_batchnorm(module.net)
+    assert module.net.training  # the original is untouched
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    loader = digits8.trigger_dataloader()
+    tau = module.trigger.tau
+    plain = trigger_gradient_sum(module.net, tau, loader, mode="eval")
+    folded = trigger_gradient_sum(fused, tau, loader, mode="eval")
+    assert torch.allclose(plain, folded, rtol=1e-4, atol=1e-5 * plain.abs().max().item())

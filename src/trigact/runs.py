@@ -1,12 +1,17 @@
-"""Where a training run lives: ``<runs_dir>/<data>/<method>/<model>/<trigger tag>/s<seed>``.
+"""Where a training run lives: ``<runs_dir>/<data>/<method>/<model>/<trigger tag>-<hash>/s<seed>``.
 
 The name is a pure function of the config, so the train entry point, a multirun sweep and the
-pipeline all agree on it, and a finished run is found again instead of being redone.
+pipeline all agree on it, and a finished run is found again instead of being redone. ``<hash>``
+covers every setting that changes the trained model (data, model, method, trigger, optimizer,
+schedule, epochs) but not where or how it runs (paths, devices, loggers, progress bars), so two
+configs that would train different models never share a folder.
 It is registered as the OmegaConf resolver ``${trigact_run_name:}`` used by ``paths.run_dir``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 
 from omegaconf import OmegaConf
@@ -33,9 +38,34 @@ def trigger_tag(trigger_cfg) -> str:
     return str(kind)
 
 
+# Settings that do not change the trained model: left out of the hash.
+NOT_HASHED = {
+    "data": {"root", "download", "num_workers", "pin_memory", "eval_batch_size"},
+    "trainer": {"_target_", "accelerator", "devices", "strategy", "num_nodes", "enable_progress_bar",
+                "enable_model_summary", "log_every_n_steps", "enable_checkpointing", "limit_val_batches",
+                "limit_test_batches", "use_distributed_sampler"},
+}
+HASHED = ("data", "model", "method", "trigger", "optimizer", "scheduler", "trainer")
+
+
+def config_hash(cfg) -> str:
+    """8 hex digits identifying what a config trains (see NOT_HASHED for what is left out)."""
+    key = {}
+    for group in HASHED:
+        node = cfg.get(group)
+        if node is None:
+            continue
+        value = OmegaConf.to_container(node, resolve=True)
+        if isinstance(value, dict):
+            value = {k: v for k, v in value.items() if k not in NOT_HASHED.get(group, ())}
+        key[group] = value
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
 def run_name(cfg) -> str:
     data = cfg.data.get("name", "data")
-    return f"{data}/{cfg.method.name}/{cfg.model.name}/{trigger_tag(cfg.get('trigger'))}/s{cfg.seed}"
+    tag = f"{trigger_tag(cfg.get('trigger'))}-{config_hash(cfg)}"
+    return f"{data}/{cfg.method.name}/{cfg.model.name}/{tag}/s{cfg.seed}"
 
 
 def register_resolvers() -> None:

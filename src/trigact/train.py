@@ -115,7 +115,8 @@ def train(cfg: DictConfig) -> dict:
         save_bundle(bundle_path, module.net, trigger, meta)
         atomic_write_json({"metrics": metrics, "config": config}, run_dir / "summary.json")
     trainer.strategy.barrier()
-    return {"run_dir": str(run_dir), "bundle": str(bundle_path), "skipped": False, **metrics}
+    return {"run_dir": str(run_dir), "bundle": str(bundle_path), "skipped": False,
+            "is_global_zero": trainer.is_global_zero, **metrics}
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
@@ -123,8 +124,8 @@ def main(cfg: DictConfig) -> None:
     quiet_libraries()
     with user_errors():
         summary = train(cfg)
-        if summary.get("skipped") is False and not Path(summary["bundle"]).exists():
-            return  # non-zero DDP ranks write nothing
+        if not summary.get("is_global_zero", True):
+            return  # under DDP only rank 0 reports (and writes)
         print_table([{"name": f"{cfg.method.name} / {cfg.model.name}", **summary}], "trigact.train")
         print(f"bundle: {summary['bundle']}")
 
