@@ -17,11 +17,10 @@ install: $(STAMP)
 # pip takes the local wheels rather than resolving a newer build for another package.
 $(STAMP): requirements.txt setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -r requirements.txt
-	$(PY) -m pip install -q --no-deps -e '.[dev]'
-	$(PY) -m pip install -q 'pytest>=8'
+	$(PY) -m pip install -qq torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -qq -r requirements.txt
+	$(PY) -m pip install -qq --no-deps -e '.[dev]'
+	$(PY) -m pip install -qq 'pytest>=8'
 	touch $(STAMP)
 
 demo: $(STAMP)

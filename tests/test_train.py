@@ -87,9 +87,14 @@ def run_cli(*args, cwd):
         ("model.name=resnet1000", "unknown model 'resnet1000'; known: densenet121"),
         ("trigger.eps=-8/255", "trigger.eps='-8/255' must be > 0"),
         ("data=fashion_mnist data.root=/nonexistent/fmnist", "dataset-fashion-mnist"),
+        ("ckpt_path=/nonexistent/x.ckpt", "ckpt_path='/nonexistent/x.ckpt': no such file"),
+        ("ckpt_path=CORRUPT", "is unreadable (corrupt or truncated"),
     ],
 )
 def test_bad_config_fails_with_one_line_error(tmp_path, override, expected):
+    corrupt = tmp_path / "corrupt.ckpt"
+    corrupt.write_bytes(b"PK\x03\x04 truncated")
+    override = override.replace("CORRUPT", str(corrupt))
     proc = run_cli(*override.split(), f"paths.root_dir={tmp_path}", "logger=none", cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
     error_lines = [line for line in proc.stderr.splitlines() if line.startswith("trigact: error:")]

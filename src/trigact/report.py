@@ -28,7 +28,7 @@ def print_table(rows: list[dict], title: str) -> None:
     from rich.table import Table
 
     table = Table(title=title)
-    table.add_column("run")
+    table.add_column("run", no_wrap=True)
     for header, _ in COLUMNS:
         table.add_column(header, justify="right")
     for row in rows:

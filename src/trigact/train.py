@@ -10,6 +10,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from omegaconf import DictConfig, OmegaConf
@@ -17,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from trigact.bundle import read_bundle, save_bundle
 from trigact.cli import quiet_libraries, user_errors
 from trigact.config import instantiate_named
+from trigact.errors import TrigactError
 from trigact.io import atomic_write_json
 from trigact.report import print_table
 from trigact.models import build_model
@@ -71,6 +73,29 @@ def build_loggers(cfg: DictConfig) -> list:
     return [instantiate(c) for c in (cfg.get("logger") or {}).values() if c and "_target_" in c]
 
 
+def resolve_checkpoint(ckpt_path, run_dir: Path) -> str | None:
+    """Check the checkpoint to resume from before Lightning does, for a one-line error.
+
+    ``last`` means ``<run_dir>/checkpoints/last.ckpt`` and starts from scratch when there is none
+    yet (a first launch under a requeueing scheduler); an explicit path must exist. Either must load.
+    """
+    if ckpt_path is None:
+        return None
+    path = run_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
+    if not path.is_file():
+        if ckpt_path == "last":
+            print(f"no checkpoint at {path} yet: starting from scratch")
+            return None
+        raise TrigactError(f"ckpt_path={ckpt_path!r}: no such file (use a .ckpt path or ckpt_path=last)")
+    try:
+        torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as err:  # noqa: BLE001 -- any failure to read it is the same user-facing problem
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise TrigactError(f"checkpoint {path} is unreadable (corrupt or truncated: {first}); "
+                           "pass another ckpt_path (e.g. an epochNNN.ckpt beside it)") from None
+    return str(path)
+
+
 def final_metrics(test_results: dict, uses_trigger: bool) -> dict:
     clean = float(test_results.get("test/acc_clean", float("nan")))
     metrics = {"test_acc_clean": clean}
@@ -95,7 +120,8 @@ def train(cfg: DictConfig) -> dict:
     datamodule = build_datamodule(cfg)
     module = build_run(cfg, datamodule)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg), logger=build_loggers(cfg) or False)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    ckpt_path = resolve_checkpoint(cfg.get("ckpt_path"), run_dir)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     results = trainer.test(module, datamodule=datamodule, verbose=False)[0]
     metrics = final_metrics(results, module.trigger is not None)
 
