@@ -1,0 +1,299 @@
+"""Attack registry: budgets, white-box strength, the L2T CPU fix, RPA masking/weighting, configs."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+from trigact.attacks import (
+    aggregate_gradient,
+    attack_from_config,
+    attack_info,
+    build_attack,
+    expand_patches,
+    list_attacks,
+    random_patch_mask,
+)
+from trigact.errors import TrigactError
+from trigact.models import build_model
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "attack"
+EPS = 8 / 255
+# Cheap settings for the ensemble-heavy attacks; the pinned paper values are tested in the configs.
+SMALL = {
+    "naa": {"num_ens": 4},
+    "fia": {"num_ens": 4},
+    "rpa": {"num_ens": 8, "ens_batch": 4},
+    "bsr": {"num_scale": 4},
+    "gra": {"num_neighbors": 4},
+    "l2t": {"num_scale": 2},
+}
+UNAVAILABLE = {"diff_pgd"}
+
+
+@pytest.fixture(scope="module")
+def digits_batch():
+    from trigact.data import DigitsDataModule
+
+    dm = DigitsDataModule(image_size=16)
+    dm.setup()
+    x, y = dm.test_set.tensors
+    return dm, x[:8], y[:8]
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    return build_model(
+        "small_cnn", num_classes=10, in_chans=1, image_size=16, mean=[0.3], std=[0.3]
+    ).eval()
+
+
+@pytest.mark.parametrize("name", sorted(set(list_attacks()) - UNAVAILABLE))
+def test_attack_respects_budget_and_box(name, tiny_model, digits_batch):
+    _, x, y = digits_batch
+    torch.manual_seed(0)
+    attack = build_attack(name, tiny_model, eps="8/255", steps=3, **SMALL.get(name, {}))
+    x_adv = attack(x, y)
+    assert x_adv.shape == x.shape
+    assert (x_adv - x).abs().max() <= EPS + 1e-6
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    assert (x_adv - x).abs().max() > 0, "the attack did not change the input"
+    assert not tiny_model.training
+
+
+def test_attack_works_under_no_grad_and_leaves_model_untouched(
+    tiny_model, digits_batch
+):
+    _, x, y = digits_batch
+    tiny_model.train()
+    state = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    with torch.no_grad():
+        x_adv = build_attack("mifgsm", tiny_model, steps=2)(x, y)
+    assert tiny_model.training, "the model's mode must be restored"
+    tiny_model.eval()
+    assert all(torch.equal(v, tiny_model.state_dict()[k]) for k, v in state.items()), (
+        "BN stats changed"
+    )
+    assert all(p.requires_grad and p.grad is None for p in tiny_model.parameters())
+    assert (x_adv - x).abs().max() > 0
+
+
+def test_pinned_hyperparameters():
+    assert attack_info("difgsm").params == {
+        "alpha": None,
+        "decay": 1.0,
+        "resize_rate": 1.1,
+        "diversity_prob": 0.5,
+    }
+    assert attack_info("pgd").params["random_start"] is True
+    rpa = attack_info("rpa").params
+    assert (rpa["num_ens"], tuple(rpa["patch_sizes"]), rpa["p_modify"]) == (
+        60,
+        (1, 3, 5, 7),
+        0.3,
+    )
+
+
+def test_defaults_are_paper_settings(tiny_model):
+    attack = build_attack("ifgsm", tiny_model)
+    assert (attack.eps, attack.steps, attack.params["alpha"]) == (
+        EPS,
+        20,
+        pytest.approx(EPS / 20),
+    )
+    assert attack.impl.device == torch.device("cpu")
+    assert attack.impl.alpha == pytest.approx(EPS / 20)
+
+
+def test_feature_layer_default_and_override(tiny_model):
+    from trigact.bundle import DeployedModel
+
+    deployed = DeployedModel(tiny_model, torch.zeros(1, 16, 16))
+    assert (
+        build_attack("rpa", deployed, steps=1).params["feature_layer"]
+        == "net.backbone.block2"
+    )
+    assert (
+        build_attack("naa", tiny_model, feature_layer="backbone.block1").params[
+            "feature_layer"
+        ]
+        == "backbone.block1"
+    )
+    with pytest.raises(TrigactError, match="no_such_layer"):
+        build_attack("fia", tiny_model, feature_layer="no_such_layer")
+
+
+def _train_small_cnn(dm, epochs=6):
+    torch.manual_seed(0)
+    net = build_model(
+        "small_cnn", num_classes=10, in_chans=1, image_size=16, mean=dm.mean, std=dm.std
+    )
+    x, y = dm.train_set.tensors
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    net.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(x))
+        for i in range(0, len(x), 64):
+            idx = perm[i : i + 64]
+            opt.zero_grad()
+            F.cross_entropy(net(x[idx]), y[idx]).backward()
+            opt.step()
+    return net.eval()
+
+
+def test_white_box_pgd_breaks_a_trained_model(digits_batch):
+    dm, _, _ = digits_batch
+    net = _train_small_cnn(dm)
+    x, y = dm.test_set.tensors
+    with torch.no_grad():
+        clean = (net(x).argmax(1) == y).float().mean().item()
+    torch.manual_seed(0)
+    x_adv = build_attack("pgd", net, eps="8/255", steps=10)(x, y)
+    with torch.no_grad():
+        robust = (net(x_adv).argmax(1) == y).float().mean().item()
+    # Measured (seed 0, 6 epochs, all 360 test images): clean 0.978, PGD-10 at 8/255 0.52-0.53 over
+    # three attack seeds (digits are upsampled 8x8 images: 8/255 is a small budget for them). The
+    # 0.3 margin leaves ~0.15 of slack and still fails if the attack stepped the wrong way.
+    assert clean > 0.8
+    assert robust < clean - 0.3, (clean, robust)
+
+
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="the upstream bug only shows without CUDA"
+)
+def test_upstream_l2t_ssm_needs_cuda_and_ours_does_not():
+    from torchattack.l2t import AUG_OPS, SSM
+
+    from trigact.attacks.l2t import PORTABLE_AUG_OPS
+
+    x = torch.rand(2, 1, 16, 16)
+    index = next(i for i, op in enumerate(AUG_OPS) if isinstance(op, SSM))
+    with pytest.raises((RuntimeError, AssertionError)):
+        AUG_OPS[index](x)  # the root cause: .cuda() (and a 3x224x224 noise shape)
+    for op in PORTABLE_AUG_OPS:  # every one of the 100 ops now runs on the CPU at 16x16
+        out = op(x)
+        assert out.shape[1:] == x.shape[1:] and out.shape[0] % x.shape[0] == 0
+
+
+def test_l2t_block_shuffle_lengths_fit_small_images():
+    from torchattack.l2t import BlockShuffle
+
+    from trigact.attacks.l2t import NonNegativeBlockShuffle
+
+    for num_block in (3, 12):
+        shuffle = NonNegativeBlockShuffle(num_block, 1)
+        assert isinstance(shuffle, BlockShuffle)
+        for _ in range(200):
+            lengths = shuffle.get_length(16)
+            assert (
+                len(lengths) == num_block and sum(lengths) == 16 and min(lengths) >= 0
+            )
+
+
+def test_l2t_runs_on_cpu(tiny_model, digits_batch):
+    _, x, y = digits_batch
+    torch.manual_seed(1)
+    x_adv = build_attack("l2t", tiny_model, steps=2, num_scale=2)(x, y)
+    assert x_adv.device.type == "cpu" and (x_adv - x).abs().max() <= EPS + 1e-6
+
+
+def test_expand_patches_by_hand():
+    grid = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    expected = torch.tensor(
+        [[1.0, 1.0, 2.0], [1.0, 1.0, 2.0], [3.0, 3.0, 4.0]]
+    )  # 3x3 image, 2x2 patches
+    assert torch.equal(expand_patches(grid, 2, 3, 3), expected)
+
+
+def test_random_patch_mask_matches_hand_computation():
+    shape, n, p = (2, 1, 5, 5), 3, 0.3
+    mask = random_patch_mask(shape, n, p, generator=torch.Generator().manual_seed(7))
+    # Redo the draws in the documented order: patch grid (2x2 patches of 3x3 cover 5x5), then pixels.
+    gen = torch.Generator().manual_seed(7)
+    modified = torch.rand(2, 1, 2, 2, generator=gen) < p
+    values = torch.rand(shape, generator=gen)
+    for b in range(2):
+        for i in range(5):
+            for j in range(5):
+                expect = values[b, 0, i, j] if modified[b, 0, i // 3, j // 3] else 1.0
+                assert mask[b, 0, i, j] == expect
+    zero = random_patch_mask(
+        shape, n, p, fill="zero", generator=torch.Generator().manual_seed(7)
+    )
+    assert torch.equal(zero == 0, mask != 1)
+    assert torch.equal(random_patch_mask(shape, 1, 0.0), torch.ones(shape))
+    assert (random_patch_mask(shape, 1, 1.0) < 1).all()
+    big = random_patch_mask(
+        (4, 3, 64, 64), 1, p, generator=torch.Generator().manual_seed(0)
+    )
+    assert abs((big != 1).float().mean().item() - p) < 0.02
+
+
+def test_aggregate_gradient_matches_hand_computation():
+    # Feature layer = the two pixels; logits = pixels (identity head), so d p_0 / d z = p_0 (e_0 - p).
+    model = nn.Sequential()
+    model.add_module("feat", nn.Flatten())
+    head = nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(2))
+    model.add_module("head", head)
+    x = torch.tensor([[[[math.log(3.0), 0.0]]]])  # (1, 1, 1, 2)
+    y = torch.tensor([0])
+    masks = torch.tensor(
+        [[[[[1.0, 1.0]]]], [[[[0.0, 1.0]]]]]
+    )  # two copies: kept, first pixel zeroed
+    # copy 1: z = (ln 3, 0), p = (3/4, 1/4), grad = 3/4 * (1/4, -1/4) = (3/16, -3/16)
+    # copy 2: z = (0, 0),    p = (1/2, 1/2), grad = 1/2 * (1/2, -1/2) = (1/4, -1/4)
+    raw = aggregate_gradient(model, model.feat, x, y, [masks], unit_norm=False)
+    assert torch.allclose(raw, torch.tensor([[7 / 16, -7 / 16]]))
+    # Chunking the copies must not change the sum; unit_norm divides by the per-image L2 norm.
+    unit = aggregate_gradient(model, model.feat, x, y, [masks[:1], masks[1:]])
+    assert torch.allclose(unit, torch.tensor([[1.0, -1.0]]) / math.sqrt(2))
+
+
+def test_unknown_attack_lists_known_names(tiny_model):
+    with pytest.raises(TrigactError) as err:
+        build_attack("nope", tiny_model)
+    message = str(err.value)
+    assert "\n" not in message and "nope" in message
+    assert all(name in message for name in list_attacks())
+
+
+def test_bad_parameters_fail_clearly(tiny_model):
+    with pytest.raises(TrigactError, match="allowed: alpha, random_start"):
+        build_attack("pgd", tiny_model, decay=1.0)
+    with pytest.raises(TrigactError, match="eps"):
+        build_attack("pgd", tiny_model, eps="-8/255")
+
+
+def test_diff_pgd_says_it_needs_a_diffusion_model(tiny_model):
+    assert "diff_pgd" in list_attacks()
+    with pytest.raises(TrigactError) as err:
+        build_attack("diff_pgd", tiny_model)
+    assert "diffusion model" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_configs_name_registered_attacks_with_pinned_values(tiny_model):
+    files = sorted(CONF_DIR.glob("*.yaml"))
+    assert {f.stem for f in files} == set(list_attacks())
+    for path in files:
+        cfg = yaml.safe_load(path.read_text())
+        assert cfg["name"] == path.stem and cfg["name"] in list_attacks()
+        assert cfg["eps"] == "8/255" and cfg["steps"] == 20
+        pinned = attack_info(cfg["name"]).params
+        assert {
+            k: list(v) if isinstance(v, tuple) else v for k, v in pinned.items()
+        } == cfg["params"], path.name
+        if cfg["name"] in UNAVAILABLE:
+            with pytest.raises(TrigactError):
+                attack_from_config(cfg, tiny_model)
+        else:
+            attack = attack_from_config(cfg, tiny_model)
+            assert attack.name == cfg["name"] and attack.eps == EPS
