@@ -14,13 +14,18 @@ def test_name_is_readable_and_stable(tmp_path):
     first = name(tmp_path)
     assert first.startswith("digits/trigger_activation/small_cnn/fixed-eps16-") and first.endswith("/s0")
     assert name(tmp_path) == first
-    assert name(tmp_path, "trigger.eps=0.0627451") != first  # a different value, a different run
+    assert name(tmp_path, "trigger.eps=0.07") != first  # a different value, a different run
+    assert name(tmp_path, f"trigger.eps={16 / 255!r}") == first  # the same value, written otherwise
+
+
+def test_seeds_of_one_config_are_sibling_folders(tmp_path):
+    assert name(tmp_path, "seed=3") == name(tmp_path).replace("/s0", "/s3")
 
 
 def test_training_settings_change_the_name(tmp_path):
     first = name(tmp_path)
-    for override in ("trainer.max_epochs=3", "optimizer.lr=0.01", "method.module.kl_weight=2", "seed=1",
-                     "data.image_size=8"):
+    for override in ("trainer.max_epochs=3", "optimizer.lr=0.01", "method.module.kl_weight=2",
+                     "data.image_size=8", "trainer.devices=2", "data.batch_size=64"):
         assert name(tmp_path, override) != first, override
     learnable = ["data=digits", "trigger=learnable"]
     assert run_name(compose_config("train", learnable, tmp_path)) != run_name(
@@ -30,7 +35,7 @@ def test_training_settings_change_the_name(tmp_path):
 
 def test_where_and_how_it_runs_does_not(tmp_path):
     first = name(tmp_path)
-    for override in ("trainer.devices=2", "data.num_workers=3", "logger=wandb", "trainer.enable_progress_bar=false",
-                     "callbacks=none", "ckpt_path=last", "data.eval_batch_size=7"):
+    for override in ("trainer=gpu", "data.num_workers=3", "logger=wandb", "trainer.enable_progress_bar=false",
+                     "callbacks=none", "ckpt_path=last", "trainer.deterministic=false"):
         assert name(tmp_path, override) == first, override
     assert name(tmp_path / "elsewhere") == first

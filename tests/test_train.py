@@ -89,6 +89,8 @@ def run_cli(*args, cwd):
         ("data=fashion_mnist data.root=/nonexistent/fmnist", "dataset-fashion-mnist"),
         ("ckpt_path=/nonexistent/x.ckpt", "ckpt_path='/nonexistent/x.ckpt': no such file"),
         ("ckpt_path=CORRUPT", "is unreadable (corrupt or truncated"),
+        ("trigger=learnable trigger.update.source=both", "unknown trigger.update.source 'both'"),
+        ("method.module.kl_direction=sideways", "unknown method.module.kl_direction 'sideways'"),
     ],
 )
 def test_bad_config_fails_with_one_line_error(tmp_path, override, expected):
@@ -126,3 +128,17 @@ def load_bundle_init_tau(tmp_path):
     from trigact.triggers import learnable_trigger
 
     return learnable_trigger((1, 8, 8), 8 / 255, seed=0).tau
+
+
+def test_pipeline_forwards_its_paths_even_odd_ones(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from trigact.pipeline import run_overrides
+    from trigact.train import CONF_DIR
+
+    root = tmp_path / "a,b=c[d]"  # characters that Hydra's override grammar would otherwise parse
+    cfg = compose_config("pipeline", ["experiment=demo", f"paths.root_dir='{root}'"], tmp_path)
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        train_cfg = compose(config_name="train", overrides=run_overrides(cfg, "standard"))
+    assert train_cfg.paths.root_dir == str(root)
+    assert train_cfg.paths.run_dir.startswith(str(root / "outputs" / "runs" / "digits" / "standard"))

@@ -15,8 +15,14 @@ def user_errors():
     """Turn a :class:`TrigactError` into ``trigact: error: <message>`` and exit status 2."""
     try:
         yield
-    except TrigactError as err:
-        print(f"trigact: error: {err}", file=sys.stderr)
+    except Exception as err:  # noqa: BLE001 -- re-raised unless a TrigactError is behind it
+        # Hydra's instantiate wraps a constructor's exception in InstantiationException.
+        cause = err
+        while cause is not None and not isinstance(cause, TrigactError):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        print(f"trigact: error: {cause}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -29,8 +29,17 @@ def run_overrides(cfg: DictConfig, name: str) -> list[str]:
     own = cfg.pipeline.runs[name]
     if own is None or isinstance(own, str) or not OmegaConf.is_list(own):
         raise TrigactError(f"pipeline.runs.{name} must be a list of train overrides, e.g. [method=standard]")
-    shared = [f"paths.root_dir={cfg.paths.root_dir}", f"seed={cfg.seed}"]
+    # The pipeline's own path settings apply to its training runs too (quoted: paths may hold , = [).
+    shared = [f"paths.{key}={quote(cfg.paths[key])}" for key in FORWARDED_PATHS] + [f"seed={cfg.seed}"]
     return shared + list(cfg.pipeline.train_overrides) + list(own)
+
+
+FORWARDED_PATHS = ("root_dir", "data_dir", "output_dir", "runs_dir")
+
+
+def quote(value) -> str:
+    """A Hydra override value that is taken literally."""
+    return "'" + str(value).replace("'", "\\'") + "'"
 
 
 def run_pipeline(cfg: DictConfig) -> list[dict]:

@@ -38,13 +38,15 @@ def trigger_tag(trigger_cfg) -> str:
     return str(kind)
 
 
-# Settings that do not change the trained model: left out of the hash.
+# Settings that do not change the trained model: left out of the hash. `devices` and `num_nodes`
+# stay in: the batch size is per device, so the world size changes what is trained.
 NOT_HASHED = {
-    "data": {"root", "download", "num_workers", "pin_memory", "eval_batch_size"},
-    "trainer": {"_target_", "accelerator", "devices", "strategy", "num_nodes", "enable_progress_bar",
+    "data": {"root", "download", "num_workers", "pin_memory"},
+    "trainer": {"_target_", "accelerator", "strategy", "deterministic", "enable_progress_bar",
                 "enable_model_summary", "log_every_n_steps", "enable_checkpointing", "limit_val_batches",
                 "limit_test_batches", "use_distributed_sampler"},
 }
+EPSILONS = ("eps", "alpha")
 HASHED = ("data", "model", "method", "trigger", "optimizer", "scheduler", "trainer")
 
 
@@ -58,6 +60,16 @@ def config_hash(cfg) -> str:
         value = OmegaConf.to_container(node, resolve=True)
         if isinstance(value, dict):
             value = {k: v for k, v in value.items() if k not in NOT_HASHED.get(group, ())}
+            # The seed is already in the folder name (s<seed>); a group seed that just follows it
+            # must not split one config's seeds into different folders.
+            if value.get("seed") == cfg.get("seed"):
+                value.pop("seed")
+            for k in EPSILONS:  # 8/255 and 0.0313725... are the same trigger
+                if k in value:
+                    try:
+                        value[k] = round(parse_eps(value[k]), 10)
+                    except TrigactError:
+                        pass
         key[group] = value
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:8]
 

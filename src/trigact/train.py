@@ -119,7 +119,11 @@ def train(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)
     module = build_run(cfg, datamodule)
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg), logger=build_loggers(cfg) or False)
+    # default_root_dir: Lightning's own files (SLURM hpc_ckpt_*.ckpt, default checkpoints) go into
+    # this run's folder, never into a launch directory shared by other runs.
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, default_root_dir=str(run_dir), callbacks=build_callbacks(cfg), logger=build_loggers(cfg) or False
+    )
     ckpt_path = resolve_checkpoint(cfg.get("ckpt_path"), run_dir)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     results = trainer.test(module, datamodule=datamodule, verbose=False)[0]

@@ -21,7 +21,12 @@ Under DDP each rank sums its shard and the sums are all-reduced, so every rank t
 and tau stays bitwise identical. The callback's state (the running sum of a partly finished epoch
 and the update history) is saved in checkpoints, and the update is taken in ``on_train_epoch_end``
 before ModelCheckpoint saves (our checkpoint config sets ``save_on_train_epoch_end: true``), so a
-resumed run takes exactly the updates an uninterrupted one does.
+run resumed from an epoch-end checkpoint takes exactly the updates an uninterrupted one does. A
+mid-epoch checkpoint (e.g. SLURM requeue) keeps the partial ``train_step`` sum, but Lightning does
+not fast-forward the data order, so the rest of that epoch is not batch-for-batch the same.
+
+Caveat: ``mode='train'`` under DDP with ``sync_batchnorm`` runs a collective per batch; shards that
+differ by one batch would then wait on each other, so use ``mode='eval'`` (the default) there.
 """
 
 from __future__ import annotations
@@ -75,26 +80,34 @@ class TriggerUpdateCallback(L.Callback):
         if stage == "fit" and (trainer.max_epochs is None or trainer.max_epochs < 1):
             raise TrigactError("the trigger update needs trainer.max_epochs (T in 'the first 60% of T epochs')")
 
-    def on_train_epoch_start(self, trainer, pl_module):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        # Per batch, not per epoch: Lightning skips on_train_epoch_start when it resumes mid-epoch.
         track = self.source == "train_step" and self.updates_after(trainer)
         pl_module.track_trigger_grad = track
-        if track and self.grad_epoch != trainer.current_epoch:
-            # A new epoch; when resuming mid-epoch the restored running sum is kept instead.
-            self.grad_sum = torch.zeros_like(pl_module.trigger.tau)
+        if not track:
+            return
+        tau = pl_module.trigger.tau
+        if self.grad_epoch != trainer.current_epoch:  # a new epoch (a mid-epoch resume keeps its sum)
+            self.grad_sum = torch.zeros_like(tau)
             self.grad_epoch = trainer.current_epoch
+        elif self.grad_sum.device != tau.device:  # restored from a checkpoint onto the CPU
+            self.grad_sum = self.grad_sum.to(tau.device)
 
     def on_after_backward(self, trainer, pl_module):
         leaf = getattr(pl_module, "trigger_leaf", None)
         if not pl_module.track_trigger_grad or leaf is None or leaf.grad is None:
             return
+        pl_module.trigger_leaf = None
         grad = leaf.grad.detach()
+        if not torch.isfinite(grad).all():
+            return  # an AMP overflow step: the GradScaler skips it, and so do we
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         if scaler is not None:  # undo AMP loss scaling so batches add on the same scale
             grad = grad / scaler.get_scale()
-        # training_step's CE is a batch mean; the paper sums over samples.
-        batch_size = leaf.grad.new_tensor(float(pl_module.last_batch_size))
-        self.grad_sum += grad * batch_size
-        pl_module.trigger_leaf = None
+        # training_step's CE is a batch mean, which Lightning also divides by the accumulation
+        # count before backward; the paper sums over samples.
+        scale = float(pl_module.last_batch_size * trainer.accumulate_grad_batches)
+        self.grad_sum += grad * scale
 
     def on_train_epoch_end(self, trainer, pl_module):
         if not self.updates_after(trainer):
@@ -125,7 +138,8 @@ class TriggerUpdateCallback(L.Callback):
             raise TrigactError("trigger.update.source=epoch needs a trigact datamodule with trigger_dataloader()")
         loader = datamodule.trigger_dataloader(rank=trainer.global_rank, world_size=trainer.world_size)
         net = eval_copy_with_fused_batchnorm(pl_module.net) if self.mode == "eval" else pl_module.net
-        return trigger_gradient_sum(net, pl_module.trigger.tau, loader, mode=self.mode)
+        return trigger_gradient_sum(net, pl_module.trigger.tau, loader, mode=self.mode,
+                                    max_batches=pass_batch_limit(trainer.limit_train_batches, len(loader)))
 
     # ----------------------------------------------------------------- checkpointing
     def state_dict(self):
@@ -155,7 +169,17 @@ def eval_copy_with_fused_batchnorm(net: nn.Module) -> nn.Module:
         return net
 
 
-def trigger_gradient_sum(net, tau: torch.Tensor, loader, mode: str = "eval") -> torch.Tensor:
+def pass_batch_limit(limit_train_batches, num_batches: int) -> int:
+    """The epoch pass honours ``trainer.limit_train_batches`` (debug runs), like the epoch itself:
+    an int is a number of batches, a float a fraction; the default 1.0 means the whole train set."""
+    if limit_train_batches is None:
+        return num_batches
+    if isinstance(limit_train_batches, int):
+        return min(num_batches, limit_train_batches)
+    return min(num_batches, max(1, math.ceil(float(limit_train_batches) * num_batches)))
+
+
+def trigger_gradient_sum(net, tau: torch.Tensor, loader, mode: str = "eval", max_batches: int | None = None) -> torch.Tensor:
     """``sum_i grad_tau CE(net(clamp(x_i + tau, 0, 1)), y_i)`` over every sample of ``loader``.
 
     Only tau's gradient is computed (``autograd.grad``), so no weight gradient is built or
@@ -169,7 +193,9 @@ def trigger_gradient_sum(net, tau: torch.Tensor, loader, mode: str = "eval") -> 
     total = torch.zeros_like(tau)
     try:
         with torch.enable_grad():
-            for x, y in loader:
+            for i, (x, y) in enumerate(loader):
+                if max_batches is not None and i >= max_batches:
+                    break
                 x, y = x.to(device), y.to(device)
                 loss = F.cross_entropy(net((x + leaf).clamp(0.0, 1.0)), y, reduction="sum")
                 (grad,) = torch.autograd.grad(loss, leaf)

@@ -23,9 +23,9 @@ class TriggerActivationModule(ClassifierModule):
         if self.trigger is None:
             raise TrigactError("method=trigger_activation needs a trigger; use trigger=fixed or trigger=learnable")
         if kl_direction not in KL_DIRECTIONS:
-            raise unknown_name("method.kl_direction", kl_direction, KL_DIRECTIONS)
+            raise unknown_name("method.module.kl_direction", kl_direction, KL_DIRECTIONS)
         if kl_weight < 0:
-            raise TrigactError(f"method.kl_weight={kl_weight} must be >= 0")
+            raise TrigactError(f"method.module.kl_weight={kl_weight} must be >= 0")
         self.kl_weight = float(kl_weight)
         self.kl_direction = kl_direction
         # Set by TriggerUpdateCallback(source='train_step'): make tau a leaf that receives a gradient
