@@ -60,12 +60,12 @@ def test_fixed_trigger_has_no_update_rule():
         fixed_trigger((1, 2, 2), 0.1).sign_step(torch.ones(1, 2, 2))
 
 
-@pytest.mark.parametrize("text,value", [("8/255", 8 / 255), ("0.03", 0.03), (0, 0.0), (" 16 / 255 ", 16 / 255), (1, 1.0)])
+@pytest.mark.parametrize("text,value", [("8/255", 8 / 255), ("0.03", 0.03), (0, 0.0), (" 16 / 255 ", 16 / 255), (1, 1.0), ("0.5/255", 0.5 / 255)])
 def test_parse_eps_accepts_paper_notation(text, value):
     assert parse_eps(text) == pytest.approx(value)
 
 
-@pytest.mark.parametrize("bad", ["-8/255", -0.1, "eight", "1/0", True, "nan"])
+@pytest.mark.parametrize("bad", ["-8/255", -0.1, "eight", "1/0", True, "nan", "1/2/3", "8/-255"])
 def test_parse_eps_rejects_bad_values_in_one_line(bad):
     with pytest.raises(TrigactError) as err:
         parse_eps(bad, "trigger.eps")

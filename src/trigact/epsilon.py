@@ -19,7 +19,11 @@ def parse_eps(value, name: str = "eps", allow_zero: bool = True) -> float:
         eps = float(value)
     elif isinstance(value, str):
         try:
-            eps = float(Fraction(value.strip().replace(" ", "")))
+            # Numerator and denominator separately: Fraction("0.5/255") is rejected, 0.5/255 is not odd.
+            parts = value.replace(" ", "").split("/")
+            if len(parts) > 2:
+                raise ValueError(value)
+            eps = float(Fraction(parts[0]) / Fraction(parts[1] if len(parts) == 2 else 1))
         except (ValueError, ZeroDivisionError):
             raise TrigactError(f"{name}={value!r} is not a number; write e.g. 8/255 or 0.03") from None
     else:
