@@ -1,0 +1,400 @@
+"""TAE bank: transferable adversarial examples crafted once per (dataset, surrogate, attack, eps, steps).
+
+A bank is a folder ``<root>/advbank/<dataset>/<surrogate>/<attack>-eps<E>-s<steps>/`` (``E`` = eps in
+255ths, ``8/255`` -> ``eps8``) holding two files:
+
+- ``bank.pt``: ``{"x_adv": uint8 (N, C, H, W), "x_clean": uint8 (N, C, H, W), "y": int64 (N,)}``,
+  quantized like real images so that every victim sees exactly what a saved image file would give;
+  loadable with ``torch.load(weights_only=True)``.
+- ``meta.json``: what made the bank (dataset, surrogate, attack config, eps, steps), the surrogate's
+  clean accuracy and white-box success rate on the stored images, timing, versions, and the sha256
+  and byte size of ``bank.pt``.
+
+Both are written atomically, ``bank.pt`` first and ``meta.json`` last: a ``meta.json`` whose sha256
+and size match ``bank.pt`` marks a complete bank. :func:`ensure_bank` reuses a complete bank and
+never redoes it; anything else in the folder (a truncated ``bank.pt``, a missing or mismatched
+``meta.json``) is stale and is crafted again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from trigact.epsilon import parse_eps
+from trigact.errors import TrigactError
+from trigact.io import atomic_torch_save, atomic_write_json
+
+BANK_FILE = "bank.pt"
+META_FILE = "meta.json"
+FORMAT_VERSION = 1
+# Leftover temp files of a killed writer (``.bank.pt.<random>.tmp``) older than this are deleted
+# when a bank is crafted again; younger ones may belong to a writer that is still running.
+STALE_TEMP_SECONDS = 3600.0
+
+
+# ---------------------------------------------------------------------------------------- naming
+
+
+def eps_tag(eps) -> str:
+    """Eps in 255ths as a folder-name token: ``8/255`` -> ``'8'``, ``0.5/255`` -> ``'0.5'``."""
+    return f"{round(parse_eps(eps) * 255, 4):g}"
+
+
+def _path_part(kind: str, value) -> str:
+    value = str(value)
+    if not value or value in (".", "..") or "/" in value or "\\" in value:
+        raise TrigactError(f"{kind}={value!r} must be a non-empty name without path separators")
+    return value
+
+
+def bank_dir(root, dataset: str, surrogate: str, attack: str, eps, steps: int) -> Path:
+    """``<root>/advbank/<dataset>/<surrogate>/<attack>-eps<E>-s<steps>``."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise TrigactError(f"attack.steps={steps!r} must be an integer >= 1")
+    leaf = f"{_path_part('attack', attack)}-eps{eps_tag(eps)}-s{steps}"
+    return Path(root) / "advbank" / _path_part("dataset", dataset) / _path_part("surrogate", surrogate) / leaf
+
+
+# ---------------------------------------------------------------------------------- quantization
+
+
+def quantize(x: torch.Tensor) -> torch.Tensor:
+    """Pixels in [0, 1] -> uint8, as saving an image file would."""
+    return (x.detach().float() * 255).round().clamp(0, 255).to(torch.uint8)
+
+
+def dequantize(q: torch.Tensor) -> torch.Tensor:
+    """uint8 -> float pixels in [0, 1]."""
+    return q.float() / 255
+
+
+# ------------------------------------------------------------------------------------------ bank
+
+
+@dataclass
+class Bank:
+    """A loaded bank: ``x_adv`` and ``x_clean`` float in [0, 1] (from the stored uint8), ``y`` int64."""
+
+    x_adv: torch.Tensor
+    x_clean: torch.Tensor
+    y: torch.Tensor
+    meta: dict
+    path: Path
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def loader(self, batch_size: int = 256, clean: bool = False) -> DataLoader:
+        """Batches ``(x_adv, y)`` in stored order (``(x_clean, y)`` with ``clean=True``)."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise TrigactError(f"batch_size={batch_size!r} must be an integer >= 1")
+        x = self.x_clean if clean else self.x_adv
+        return DataLoader(TensorDataset(x, self.y), batch_size=batch_size, shuffle=False)
+
+
+def _bank_from_tensors(data: Mapping, meta: dict, path: Path) -> Bank:
+    return Bank(
+        x_adv=dequantize(data["x_adv"]),
+        x_clean=dequantize(data["x_clean"]),
+        y=data["y"],
+        meta=meta,
+        path=path,
+    )
+
+
+def _read_meta(path: Path) -> dict:
+    meta_path = path / META_FILE
+    try:
+        meta = json.loads(meta_path.read_text())
+    except FileNotFoundError:
+        raise TrigactError(f"no TAE bank at {path}: {META_FILE} is missing (bank absent or incomplete)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise TrigactError(f"corrupt TAE bank metadata {meta_path}: {type(err).__name__}") from None
+    file_info = meta.get("file") if isinstance(meta, dict) else None
+    if not isinstance(file_info, dict) or not {"sha256", "bytes"} <= set(file_info):
+        raise TrigactError(f"corrupt TAE bank metadata {meta_path}: no sha256/bytes of {BANK_FILE}")
+    return meta
+
+
+def _read_data(path: Path, meta: dict) -> dict:
+    """Read ``bank.pt`` once, check it against the size and sha256 in ``meta``, and load it."""
+    data_path = path / BANK_FILE
+    try:
+        raw = data_path.read_bytes()
+    except FileNotFoundError:
+        raise TrigactError(f"incomplete TAE bank at {path}: {BANK_FILE} is missing") from None
+    expected = meta["file"]
+    if len(raw) != expected["bytes"]:
+        raise TrigactError(
+            f"corrupt TAE bank {data_path}: {len(raw)} bytes, metadata says {expected['bytes']} (truncated write?)"
+        )
+    if hashlib.sha256(raw).hexdigest() != expected["sha256"]:
+        raise TrigactError(f"corrupt TAE bank {data_path}: sha256 does not match {META_FILE}")
+    try:
+        data = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except Exception as err:  # the unpickler raises many types; any of them means a bad file
+        raise TrigactError(f"corrupt TAE bank {data_path}: cannot load ({type(err).__name__})") from None
+    _check_tensors(data, data_path)
+    return data
+
+
+def _check_tensors(data, data_path: Path) -> None:
+    if not isinstance(data, dict) or not {"x_adv", "x_clean", "y"} <= set(data):
+        raise TrigactError(f"corrupt TAE bank {data_path}: expected a dict with x_adv, x_clean, y")
+    x_adv, x_clean, y = data["x_adv"], data["x_clean"], data["y"]
+    if (
+        not all(isinstance(t, torch.Tensor) for t in (x_adv, x_clean, y))
+        or x_adv.dtype != torch.uint8
+        or x_clean.dtype != torch.uint8
+        or y.dtype != torch.int64
+        or x_adv.ndim != 4
+        or x_adv.shape != x_clean.shape
+        or y.shape != x_adv.shape[:1]
+    ):
+        raise TrigactError(
+            f"corrupt TAE bank {data_path}: expected uint8 x_adv/x_clean (N, C, H, W) and int64 y (N,)"
+        )
+
+
+def load_bank(path) -> Bank:
+    """Load a complete bank from its folder; a missing, incomplete or corrupt one fails in one line."""
+    path = Path(path)
+    if not path.is_dir():
+        raise TrigactError(f"no TAE bank at {path}: folder does not exist")
+    meta = _read_meta(path)
+    return _bank_from_tensors(_read_data(path, meta), meta, path)
+
+
+# -------------------------------------------------------------------------------------- crafting
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def surrogate_predictions(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Argmax predictions of ``model`` in eval mode (mode restored afterwards), on the CPU."""
+    device = _model_device(model)
+    was_training = model.training
+    model.eval()
+    try:
+        preds = [model(x[i : i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(x), batch_size)]
+    finally:
+        model.train(was_training)
+    return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
+
+
+def _loader_size(loader) -> int | None:
+    try:
+        return len(loader.dataset)
+    except (AttributeError, TypeError):
+        return None
+
+
+def _progress(enabled: bool, description: str, total: int | None):
+    """A rich progress bar (or a no-op) advanced by images."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        disable=not enabled,
+        transient=False,
+    )
+    task = progress.add_task(description, total=total)
+    return progress, task
+
+
+def craft(
+    attack_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    loader: Iterable,
+    eps: float,
+    progress: bool = True,
+    description: str = "attack",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run ``attack_fn`` batch by batch; return quantized ``(x_adv, x_clean, y)`` on the CPU.
+
+    The clean images are quantized first and the attack runs on those, so the stored ``x_clean`` is
+    exactly what the attack perturbed; quantizing ``x_adv`` then moves it at most 0.5/255 further.
+    """
+    advs, cleans, labels = [], [], []
+    bar, task = _progress(progress, description, _loader_size(loader))
+    with bar:
+        for batch in loader:
+            x, y = batch[0], batch[1]
+            if x.ndim != 4:
+                raise TrigactError(f"the bank loader must yield images (B, C, H, W), got {tuple(x.shape)}")
+            if x.numel() and (x.min() < 0 or x.max() > 1):
+                raise TrigactError(
+                    f"the bank loader yielded pixels in [{x.min().item():.3g}, {x.max().item():.3g}]; expected [0, 1]"
+                )
+            q_clean = quantize(x.cpu())
+            y = y.detach().cpu().long()
+            x_adv = attack_fn(dequantize(q_clean).to(x.device), y.to(x.device))
+            if x_adv.shape != x.shape:
+                raise TrigactError(f"{description}: attack returned shape {tuple(x_adv.shape)} for {tuple(x.shape)}")
+            q_adv = quantize(x_adv.cpu())
+            advs.append(q_adv)
+            cleans.append(q_clean)
+            labels.append(y)
+            bar.advance(task, len(y))
+    if not labels:
+        raise TrigactError(f"{description}: the bank loader yielded no images")
+    x_adv, x_clean, y = torch.cat(advs), torch.cat(cleans), torch.cat(labels)
+    check_budget(x_adv, x_clean, eps, description)
+    return x_adv, x_clean, y
+
+
+def check_budget(q_adv: torch.Tensor, q_clean: torch.Tensor, eps: float, what: str = "bank") -> float:
+    """L_inf distance of the quantized images, checked against ``eps`` plus the uint8 rounding allowance."""
+    dist = (q_adv.int() - q_clean.int()).abs().max().item() / 255 if q_adv.numel() else 0.0
+    if dist > eps + 1 / 255 + 1e-6:
+        raise TrigactError(
+            f"{what}: |x_adv - x_clean|_inf = {dist * 255:.4g}/255 exceeds eps + 1/255 = {eps * 255 + 1:.4g}/255"
+        )
+    return dist
+
+
+def _jsonable(obj):
+    """Round-trip through JSON, so configs compare as they are stored (tuples -> lists, ...)."""
+    return json.loads(json.dumps(obj, default=str, sort_keys=True))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_same_request(meta: dict, request: dict, path: Path) -> None:
+    """A complete bank in this folder must come from the same request; never silently mix configs."""
+    diffs = []
+    for key in ("dataset", "attack", "steps"):
+        if meta.get(key) != request[key]:
+            diffs.append(f"{key} {meta.get(key)!r} != {request[key]!r}")
+    if meta.get("surrogate", {}).get("name") != request["surrogate"]["name"]:
+        diffs.append(f"surrogate {meta.get('surrogate', {}).get('name')!r} != {request['surrogate']['name']!r}")
+    if not isinstance(meta.get("eps"), (int, float)) or not math.isclose(meta["eps"], request["eps"], abs_tol=1e-9):
+        diffs.append(f"eps {meta.get('eps')!r} != {request['eps']!r}")
+    if meta.get("attack_config") != request["attack_config"]:
+        diffs.append(f"attack_config {meta.get('attack_config')!r} != {request['attack_config']!r}")
+    if diffs:
+        raise TrigactError(
+            f"TAE bank {path} was made by a different request ({'; '.join(diffs)}); "
+            "delete it or use another root, it is never overwritten"
+        )
+
+
+def _remove_stale(path: Path) -> None:
+    """Delete what an interrupted or corrupt bank left: meta first, so no marker outlives its data."""
+    (path / META_FILE).unlink(missing_ok=True)
+    (path / BANK_FILE).unlink(missing_ok=True)
+    now = time.time()
+    for name in (BANK_FILE, META_FILE):
+        for tmp in path.glob(f".{name}.*.tmp"):
+            try:
+                if now - tmp.stat().st_mtime > STALE_TEMP_SECONDS:
+                    tmp.unlink()
+            except FileNotFoundError:
+                pass
+
+
+def ensure_bank(
+    root,
+    dataset: str,
+    surrogate_name: str,
+    surrogate_bundle,
+    surrogate_model: nn.Module,
+    attack_name: str,
+    attack_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    attack_config: Mapping,
+    eps,
+    steps: int,
+    loader: Iterable,
+    progress: bool = True,
+) -> Bank:
+    """Return the bank for this request, crafting it only if no complete bank exists.
+
+    ``attack_fn(x, y) -> x_adv`` is called once per batch of ``loader`` (``(x, y)`` batches in
+    [0, 1]). A complete bank (``meta.json`` whose sha256 and size match ``bank.pt``) is loaded and
+    returned without calling ``attack_fn``; an incomplete or corrupt one is deleted and crafted again.
+    A complete bank from a different request (attack config, eps, ...) in the same folder is an error.
+    """
+    eps = parse_eps(eps, "attack.eps")
+    path = bank_dir(root, dataset, surrogate_name, attack_name, eps, steps)
+    request = dict(
+        dataset=str(dataset),
+        surrogate=dict(name=str(surrogate_name), bundle=None if surrogate_bundle is None else str(surrogate_bundle)),
+        attack=str(attack_name),
+        attack_config=_jsonable(dict(attack_config)),
+        eps=eps,
+        eps_255=eps_tag(eps),
+        steps=steps,
+    )
+
+    if (path / META_FILE).exists():
+        try:
+            bank = load_bank(path)
+        except TrigactError as err:
+            print(f"stale TAE bank, crafting again: {err}")
+        else:
+            _check_same_request(bank.meta, request, path)
+            print(f"reusing TAE bank: {path} ({len(bank)} images)")
+            return bank
+    elif (path / BANK_FILE).exists():
+        print(f"stale TAE bank, crafting again: {path / BANK_FILE} has no {META_FILE} (interrupted write)")
+    _remove_stale(path)
+
+    start = time.perf_counter()
+    description = f"{attack_name} eps={eps_tag(eps)}/255 on {surrogate_name}"
+    q_adv, q_clean, y = craft(attack_fn, loader, eps, progress=progress, description=description)
+    wall_time = time.perf_counter() - start
+
+    # Measured on the stored uint8 images: what every victim will see.
+    pred_clean = surrogate_predictions(surrogate_model, dequantize(q_clean))
+    pred_adv = surrogate_predictions(surrogate_model, dequantize(q_adv))
+    n = len(y)
+    clean_acc = (pred_clean == y).float().mean().item()
+    whitebox_success = (pred_adv != y).float().mean().item()
+
+    data = {"x_adv": q_adv, "x_clean": q_clean, "y": y}
+    atomic_torch_save(data, path / BANK_FILE)
+    meta = dict(
+        request,
+        format_version=FORMAT_VERSION,
+        n=n,
+        image_shape=list(q_adv.shape[1:]),
+        surrogate_clean_acc=clean_acc,
+        surrogate_adv_acc=1.0 - whitebox_success,
+        whitebox_success_rate=whitebox_success,
+        linf_uint8=int((q_adv.int() - q_clean.int()).abs().max().item()),
+        wall_time_s=wall_time,
+        torch_version=torch.__version__,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        file=dict(name=BANK_FILE, sha256=_sha256(path / BANK_FILE), bytes=(path / BANK_FILE).stat().st_size),
+    )
+    atomic_write_json(meta, path / META_FILE)  # last: its presence marks the bank complete
+    print(
+        f"TAE bank written: {path} ({n} images, surrogate clean acc {clean_acc:.2%}, "
+        f"white-box success {whitebox_success:.2%}, {wall_time:.1f}s)"
+    )
+    return _bank_from_tensors(data, meta, path)
