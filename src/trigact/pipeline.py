@@ -1,9 +1,11 @@
 """``python -m trigact.pipeline experiment=<name>``: the main job.
 
-It trains every run an experiment names (skipping runs whose bundle already exists, so re-running
-resumes where it stopped) and prints and saves a table of each deployed model's accuracy on clean
-test inputs with and without its trigger. The transfer-attack stages (attack, evaluate) plug in
-after training.
+1. train: every run the experiment names (runs whose bundle exists are skipped, so re-running
+   resumes where it stopped); ``accuracy.md`` has each model's accuracy with and without its trigger.
+2. attack: when the experiment names ``surrogates`` and ``attacks``, one TAE bank per (surrogate,
+   attack) on the first ``n_eval`` test images (existing banks are reused).
+3. evaluate: every victim (grouped, e.g. one group per defense) against every bank: ``matrix.csv``,
+   the paper-style ``table.md`` (Clean, one row per attack, Mean; Eq. 5-7) and ``robustness.png``.
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ import hydra
 from hydra import compose
 from omegaconf import DictConfig, OmegaConf
 
+from trigact import load_bundle
 from trigact.cli import quiet_libraries, user_errors
-from trigact.errors import TrigactError
+from trigact.errors import TrigactError, unknown_name
+from trigact.evaluation.transfer import craft_banks, evaluate_victims, evaluation_subset
 from trigact.io import atomic_write_json, atomic_write_text
 from trigact.runs import register_resolvers
 from trigact.report import markdown_table, print_table
-from trigact.train import CONF_DIR, train
+from trigact.train import BUNDLE_NAME, CONF_DIR, build_datamodule, train
 
 register_resolvers()
 
@@ -45,15 +49,60 @@ def quote(value) -> str:
 def run_pipeline(cfg: DictConfig) -> list[dict]:
     if not cfg.get("pipeline") or not cfg.pipeline.get("runs"):
         raise TrigactError("no runs to do: choose an experiment, e.g. experiment=demo (see conf/experiment/)")
-    rows = []
+    rows, train_cfgs = [], {}
     for name in cfg.pipeline.runs:
-        train_cfg = compose(config_name="train", overrides=run_overrides(cfg, name))
-        print(f"== run {name}: {train_cfg.paths.run_dir}")
-        rows.append({"name": name, **train(train_cfg)})
+        train_cfgs[name] = compose(config_name="train", overrides=run_overrides(cfg, name))
+        print(f"== run {name}: {train_cfgs[name].paths.run_dir}")
+        rows.append({"name": name, **train(train_cfgs[name])})
     out = Path(cfg.paths.results_dir)
-    atomic_write_text(markdown_table(rows), out / "table.md")
+    atomic_write_text(markdown_table(rows), out / "accuracy.md")
     atomic_write_json(rows, out / "runs.json")
+    if cfg.pipeline.get("attacks"):
+        matrix = attack_and_evaluate(cfg, train_cfgs, out)
+        print(matrix.to_markdown(victim_groups(cfg)))
+    else:
+        atomic_write_text(markdown_table(rows), out / "table.md")
     return rows
+
+
+def victim_groups(cfg: DictConfig) -> dict[str, list[str]]:
+    """``pipeline.victims``: group name (a table column, e.g. a defense) -> run names."""
+    groups = OmegaConf.to_container(cfg.pipeline.victims, resolve=True)
+    return {g: list(v) if isinstance(v, list) else [v] for g, v in groups.items()}
+
+
+def attack_and_evaluate(cfg: DictConfig, train_cfgs: dict, out: Path):
+    """Stages 2 and 3 for the experiment's surrogates, attacks and victim groups."""
+    groups = victim_groups(cfg)
+    surrogate_names = list(cfg.pipeline.surrogates)
+    for name in surrogate_names + [v for vs in groups.values() for v in vs]:
+        if name not in train_cfgs:
+            raise unknown_name("pipeline run", name, train_cfgs)
+
+    def deployed(name):
+        run_dir = Path(train_cfgs[name].paths.run_dir)
+        return load_bundle(run_dir / BUNDLE_NAME)
+
+    def bank_id(name):  # a folder name unique to the surrogate's run: its registry path, flattened
+        rel = Path(train_cfgs[name].paths.run_dir).relative_to(train_cfgs[name].paths.runs_dir)
+        return "__".join(rel.parts[1:])  # the dataset is already a level of the bank tree
+
+    first = train_cfgs[surrogate_names[0]]
+    datamodule = build_datamodule(first)
+    datamodule.setup()
+    images = evaluation_subset(datamodule.test_set, cfg.pipeline.get("n_eval"))
+    surrogates = {bank_id(n): deployed(n) for n in surrogate_names}
+    banks = craft_banks(
+        cfg.paths.output_dir, first.data.name, images, surrogates, list(cfg.pipeline.attacks), CONF_DIR,
+        overrides=OmegaConf.to_container(cfg.pipeline.attack_overrides, resolve=True) if cfg.pipeline.get("attack_overrides") else {},
+        seed=cfg.seed,
+    )
+    victims = {v: deployed(v) for vs in groups.values() for v in vs}
+    matrix = evaluate_victims(victims, surrogates, banks, images, allow_whitebox=cfg.pipeline.get("allow_whitebox", False))
+    matrix.to_csv(out / "matrix.csv")
+    atomic_write_text(matrix.to_markdown(groups), out / "table.md")
+    matrix.plot_mean_robustness(groups, out / "robustness.png")
+    return matrix
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="pipeline")

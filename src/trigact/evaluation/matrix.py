@@ -15,6 +15,7 @@ import csv
 import io
 import os
 import tempfile
+import textwrap
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -216,7 +217,8 @@ class RobustnessMatrix:
         bars = ax.bar(range(len(names)), values, color="tab:blue")
         ax.bar_label(bars, fmt="%.2f", fontsize=8)
         crowded = len(names) > 4
-        ax.set_xticks(range(len(names)), names, rotation=20 if crowded else 0, ha="right" if crowded else "center")
+        labels = [textwrap.fill(n, 18) for n in names]  # long group names would overlap on one line
+        ax.set_xticks(range(len(names)), labels, rotation=20 if crowded else 0, ha="right" if crowded else "center")
         ax.set_ylim(0, 105)
         ax.set_ylabel("mean robust accuracy (%)")
         ax.set_title(f"Mean over {len(self.attacks)} attacks and {len(self.surrogates)} surrogates")
