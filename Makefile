@@ -34,6 +34,7 @@ test-full: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/train_cost.py
+	$(PY) benchmarks/attack_cost.py
 
 clean:
 	rm -rf outputs multirun .pytest_cache build dist src/*.egg-info
