@@ -297,3 +297,11 @@ def test_configs_name_registered_attacks_with_pinned_values(tiny_model):
         else:
             attack = attack_from_config(cfg, tiny_model)
             assert attack.name == cfg["name"] and attack.eps == EPS
+
+
+@pytest.mark.parametrize("params", [{"p_modify": 2.0}, {"fill": "noise"}, {"patch_sizes": (0, 3)}])
+def test_bad_rpa_settings_are_one_line_user_errors(params):
+    model = build_model("small_cnn", num_classes=10, in_chans=1, image_size=16)
+    with pytest.raises(TrigactError) as err:
+        build_attack("rpa", model, **params)
+    assert "\n" not in str(err.value)

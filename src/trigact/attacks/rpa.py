@@ -34,6 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchattack.attack import Attack
 
+from trigact.errors import TrigactError
+
 FILLS = ("uniform", "zero")
 
 
@@ -65,9 +67,9 @@ def random_patch_mask(
     values ``rand(B, C, H, W)``.
     """
     if fill not in FILLS:
-        raise ValueError(f"fill={fill!r}; allowed: {', '.join(FILLS)}")
+        raise TrigactError(f"fill={fill!r}; allowed: {', '.join(FILLS)}")
     if patch_size < 1:
-        raise ValueError(f"patch_size={patch_size} must be >= 1")
+        raise TrigactError(f"patch_size={patch_size} must be >= 1")
     batch, chans, height, width = shape
     grid_shape = (
         batch,
@@ -168,13 +170,13 @@ class RPA(Attack):
     ) -> None:
         super().__init__(model, normalize, device)
         if fill not in FILLS:
-            raise ValueError(f"fill={fill!r}; allowed: {', '.join(FILLS)}")
+            raise TrigactError(f"fill={fill!r}; allowed: {', '.join(FILLS)}")
         if num_ens < 1 or ens_batch < 1 or not patch_sizes or min(patch_sizes) < 1:
-            raise ValueError(
+            raise TrigactError(
                 "RPA needs num_ens >= 1, ens_batch >= 1 and patch sizes >= 1"
             )
         if not 0.0 <= p_modify <= 1.0:
-            raise ValueError(f"p_modify={p_modify} must be in [0, 1]")
+            raise TrigactError(f"p_modify={p_modify} must be in [0, 1]")
         self.eps = eps
         self.steps = steps
         self.alpha = alpha
