@@ -32,3 +32,33 @@ def make_trainer(tmp_path, max_epochs, callbacks=(), **kwargs) -> L.Trainer:
         deterministic=True,
         **kwargs,
     )
+
+
+# The main job shrunk for tests: 2 epochs, PGD and MI-FGSM with 3 steps, 60 images (about 30 s).
+DEMO_SHRINK = ["data=digits", "trainer.max_epochs=2", "trainer.enable_progress_bar=false", "logger=none"]
+DEMO_OVERRIDES = [
+    "experiment=demo",
+    "pipeline.train_overrides=[" + ",".join(f"'{o}'" for o in DEMO_SHRINK) + "]",
+    "pipeline.attacks=[pgd,mifgsm]",
+    "pipeline.attack_overrides.steps=3",
+    "pipeline.n_eval=60",
+]
+
+
+@pytest.fixture(scope="session")
+def shrunk_demo(tmp_path_factory):
+    """One shrunken demo pipeline run shared by the tests that read its runs and banks.
+
+    Returns ``(root, rows)``: the paths.root_dir it wrote into and the pipeline's run summaries.
+    Tests must not modify what is under ``root``; they write their own outputs elsewhere.
+    """
+    from hydra import compose, initialize_config_dir
+
+    from trigact.pipeline import run_pipeline
+    from trigact.train import CONF_DIR
+
+    root = tmp_path_factory.mktemp("demo")
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="pipeline", overrides=[f"paths.root_dir={root}", *DEMO_OVERRIDES])
+        rows = run_pipeline(cfg)
+    return root, rows

@@ -1,5 +1,6 @@
 """The train entry point end to end on digits: accuracy, bundles, finished-run skipping, errors."""
 
+import json
 import subprocess
 import sys
 
@@ -144,28 +145,30 @@ def test_pipeline_forwards_its_paths_even_odd_ones(tmp_path):
     assert train_cfg.paths.run_dir.startswith(str(root / "outputs" / "runs" / "digits" / "standard"))
 
 
-def test_demo_pipeline_trains_attacks_and_evaluates_end_to_end(tmp_path, capsys):
+def test_demo_pipeline_trains_attacks_and_evaluates_end_to_end(shrunk_demo, capsys):
     """The main job on a shrunken demo (2 epochs, 2 attacks x 3 steps, 60 images); a second launch
     reuses every run and every bank."""
     from hydra import compose, initialize_config_dir
 
+    from conftest import DEMO_OVERRIDES
     from trigact.pipeline import run_pipeline
     from trigact.train import CONF_DIR
 
-    shrink = ["data=digits", "trainer.max_epochs=2", "trainer.enable_progress_bar=false", "logger=none"]
-    over = ["experiment=demo", "pipeline.train_overrides=[" + ",".join(f"'{o}'" for o in shrink) + "]",
-            "pipeline.attacks=[pgd,mifgsm]", "+pipeline.attack_overrides.steps=3", "pipeline.n_eval=60"]
+    root, rows = shrunk_demo
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="pipeline", overrides=[f"paths.root_dir={tmp_path}", *over])
-        rows = run_pipeline(cfg)
+        cfg = compose(config_name="pipeline", overrides=[f"paths.root_dir={root}", *DEMO_OVERRIDES])
         assert {r["name"] for r in rows} == set(cfg.pipeline.runs)
-        results = tmp_path / "outputs" / "pipeline" / "demo"
+        results = root / "outputs" / "pipeline" / "demo"
         table = (results / "table.md").read_text().splitlines()
         assert table[0].startswith("| | No defense | Fixed trigger") and table[2].startswith("| Clean |")
         assert [line.split("|")[1].strip() for line in table[3:]] == ["pgd", "mifgsm", "Mean"]
         csv_rows = (results / "matrix.csv").read_text().splitlines()
         assert len(csv_rows) == 1 + 3 * 2 * 2  # header + victims x surrogates x attacks
         assert (results / "robustness.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        victims = json.loads((results / "victims.json").read_text())
+        assert [(v["name"], v["trigger_kind"]) for v in victims] == [
+            ("standard", "none"), ("fixed_eps32", "fixed"), ("learnable_alpha16", "learnable")]
+        assert victims[1]["eps"] == pytest.approx(32 / 255)
         capsys.readouterr()
         run_pipeline(cfg)
         out = capsys.readouterr().out

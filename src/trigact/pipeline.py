@@ -19,7 +19,9 @@ from omegaconf import DictConfig, OmegaConf
 from trigact import load_bundle
 from trigact.cli import quiet_libraries, user_errors
 from trigact.errors import TrigactError, unknown_name
-from trigact.evaluation.transfer import craft_banks, evaluate_victims, evaluation_subset
+from trigact.evaluation.transfer import (
+    craft_banks, defend, defense_config, evaluate_victims, evaluation_subset, victim_record, write_results,
+)
 from trigact.io import atomic_write_json, atomic_write_text
 from trigact.runs import register_resolvers
 from trigact.report import markdown_table, print_table
@@ -58,51 +60,77 @@ def run_pipeline(cfg: DictConfig) -> list[dict]:
     atomic_write_text(markdown_table(rows), out / "accuracy.md")
     atomic_write_json(rows, out / "runs.json")
     if cfg.pipeline.get("attacks"):
-        matrix = attack_and_evaluate(cfg, train_cfgs, out)
-        print(matrix.to_markdown(victim_groups(cfg)))
+        matrix, columns = attack_and_evaluate(cfg, train_cfgs, out)
+        print(matrix.to_markdown(columns))
     else:
         atomic_write_text(markdown_table(rows), out / "table.md")
     return rows
 
 
-def victim_groups(cfg: DictConfig) -> dict[str, list[str]]:
-    """``pipeline.victims``: group name (a table column, e.g. a defense) -> run names."""
+def victim_groups(cfg: DictConfig) -> dict[str, dict]:
+    """``pipeline.victims``: group name (a table column) -> ``{"runs": [...], "defense": name or None}``.
+
+    A group is a list of run names, or a mapping with ``runs`` and a ``defense`` (a conf/defense name)
+    put in front of each of its victims; ``defense=`` on the command line applies to every group
+    that names none.
+    """
     groups = OmegaConf.to_container(cfg.pipeline.victims, resolve=True)
-    return {g: list(v) if isinstance(v, list) else [v] for g, v in groups.items()}
+    default_defense = OmegaConf.to_container(cfg.defense, resolve=True) if cfg.get("defense") else None
+    if default_defense and default_defense.get("name") in (None, "none"):
+        default_defense = None
+    parsed = {}
+    for group, spec in groups.items():
+        if isinstance(spec, dict):
+            unknown = set(spec) - {"runs", "defense"}
+            if unknown or "runs" not in spec:
+                raise TrigactError(f"pipeline.victims.{group} must be a list of runs or {{runs: [...], defense: name}}")
+            runs, defense = spec["runs"], spec.get("defense")
+        else:
+            runs, defense = spec, None
+        runs = list(runs) if isinstance(runs, list) else [runs]
+        parsed[group] = {"runs": runs, "defense": defense or default_defense}
+    return parsed
 
 
 def attack_and_evaluate(cfg: DictConfig, train_cfgs: dict, out: Path):
     """Stages 2 and 3 for the experiment's surrogates, attacks and victim groups."""
     groups = victim_groups(cfg)
     surrogate_names = list(cfg.pipeline.surrogates)
-    for name in surrogate_names + [v for vs in groups.values() for v in vs]:
+    for name in surrogate_names + [v for spec in groups.values() for v in spec["runs"]]:
         if name not in train_cfgs:
             raise unknown_name("pipeline run", name, train_cfgs)
 
     def deployed(name):
-        run_dir = Path(train_cfgs[name].paths.run_dir)
-        return load_bundle(run_dir / BUNDLE_NAME)
-
-    def bank_id(name):  # a folder name unique to the surrogate's run: its registry path, flattened
-        rel = Path(train_cfgs[name].paths.run_dir).relative_to(train_cfgs[name].paths.runs_dir)
-        return "__".join(rel.parts[1:])  # the dataset is already a level of the bank tree
+        return load_bundle(Path(train_cfgs[name].paths.run_dir) / BUNDLE_NAME)
 
     first = train_cfgs[surrogate_names[0]]
     datamodule = build_datamodule(first)
     datamodule.setup()
     images = evaluation_subset(datamodule.test_set, cfg.pipeline.get("n_eval"))
-    surrogates = {bank_id(n): deployed(n) for n in surrogate_names}
+    surrogates = {n: deployed(n) for n in surrogate_names}
     banks = craft_banks(
         cfg.paths.output_dir, first.data.name, images, surrogates, list(cfg.pipeline.attacks), CONF_DIR,
         overrides=OmegaConf.to_container(cfg.pipeline.attack_overrides, resolve=True) if cfg.pipeline.get("attack_overrides") else {},
         seed=cfg.seed,
     )
-    victims = {v: deployed(v) for vs in groups.values() for v in vs}
-    matrix = evaluate_victims(victims, surrogates, banks, images, allow_whitebox=cfg.pipeline.get("allow_whitebox", False))
-    matrix.to_csv(out / "matrix.csv")
-    atomic_write_text(matrix.to_markdown(groups), out / "table.md")
-    matrix.plot_mean_robustness(groups, out / "robustness.png")
-    return matrix
+    victims, runs, records, columns = {}, {}, [], {}
+    for group, spec in groups.items():
+        defense = spec["defense"] if isinstance(spec["defense"], dict) else defense_config(CONF_DIR, spec["defense"])
+        defense_name = defense["name"] if defense else None
+        tag = defense.get("label", defense_name) if defense else None
+        columns[group] = []
+        for run in spec["runs"]:
+            name = run if not defense else f"{run} + {tag}"
+            if name not in victims:
+                model = deployed(run)
+                victims[name], runs[name] = defend(model, defense), model.meta.get("path")
+                records.append(victim_record(name, group, model, tag))
+            columns[group].append(name)
+    matrix = evaluate_victims(
+        victims, surrogates, banks, images, allow_whitebox=cfg.pipeline.get("allow_whitebox", False), victim_runs=runs
+    )
+    write_results(matrix, columns, records, out)
+    return matrix, columns
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="pipeline")

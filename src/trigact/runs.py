@@ -20,7 +20,7 @@ from trigact.epsilon import parse_eps
 from trigact.errors import TrigactError
 
 
-def _in_255ths(value) -> str:
+def in_255ths(value) -> str:
     """``8/255`` -> ``8``, ``0.1`` -> ``25.5``; an unparsable value is kept (sanitized) so that the
     real validation later gives the one-line error, not the path builder."""
     try:
@@ -32,9 +32,9 @@ def _in_255ths(value) -> str:
 def trigger_tag(trigger_cfg) -> str:
     kind = trigger_cfg.get("kind", "none") if trigger_cfg is not None else "none"
     if kind == "fixed":
-        return f"fixed-eps{_in_255ths(trigger_cfg.get('eps'))}"
+        return f"fixed-eps{in_255ths(trigger_cfg.get('eps'))}"
     if kind == "learnable":
-        return f"learnable-alpha{_in_255ths(trigger_cfg.get('alpha'))}"
+        return f"learnable-alpha{in_255ths(trigger_cfg.get('alpha'))}"
     return str(kind)
 
 

@@ -358,6 +358,12 @@ def ensure_bank(
             print(f"stale TAE bank, crafting again: {err}")
         else:
             _check_same_request(bank.meta, request, path)
+            wanted = _loader_size(loader)
+            if wanted is not None and wanted != len(bank):
+                raise TrigactError(
+                    f"TAE bank {path} holds {len(bank)} images but {wanted} were asked for (another n_eval); "
+                    "use the same n_eval or another output root, a bank is never overwritten"
+                )
             print(f"reusing TAE bank: {path} ({len(bank)} images)")
             return bank
     elif (path / BANK_FILE).exists():

@@ -44,6 +44,9 @@ def craft_banks(
 ) -> dict[tuple[str, str], Bank]:
     """One bank per (surrogate, attack); existing complete banks are reused, never redone.
 
+    ``surrogates``: table name -> deployed model; a bank's folder is named by the surrogate's run
+    (:func:`bank_id`), so every entry point finds the same banks whatever the table calls them.
+
     Random starts and input diversity draw from the global RNGs, which are re-seeded before each
     bank, so a bank does not depend on what ran before it in the process.
     """
@@ -55,7 +58,7 @@ def craft_banks(
             attack = attack_from_config(cfg, model)
             loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
             banks[(surrogate_name, attack_name)] = ensure_bank(
-                root, dataset_name, surrogate_name, model.meta.get("path"), model, attack_name, attack,
+                root, dataset_name, bank_id(model), model.meta.get("path"), model, attack_name, attack,
                 attack.config, cfg["eps"], int(cfg["steps"]), loader, progress=progress,
             )
     return banks
@@ -64,16 +67,164 @@ def craft_banks(
 def evaluate_victims(
     victims: Mapping[str, DeployedModel], surrogates: Mapping[str, DeployedModel],
     banks: Mapping[tuple[str, str], Bank], clean_dataset, allow_whitebox: bool = False, batch_size: int = 256,
+    victim_runs: Mapping[str, str] | None = None,
 ) -> RobustnessMatrix:
     """``R[victim, surrogate, attack]`` and clean accuracy; a victim that is a surrogate's very run
-    is refused unless ``allow_whitebox`` (it would not be a transfer)."""
+    is refused unless ``allow_whitebox`` (it would not be a transfer).
+
+    ``victim_runs``: victim -> bundle path, for victims that are not bare deployed models (e.g. behind
+    a defense); by default each victim's own ``meta["path"]``.
+    """
+    if victim_runs is None:
+        victim_runs = {k: getattr(v, "meta", {}).get("path") for k, v in victims.items()}
     if not victims or not banks:
         raise TrigactError("nothing to evaluate: the experiment needs victims, surrogates and attacks")
     clean = DataLoader(clean_dataset, batch_size=batch_size, shuffle=False)
     with torch.no_grad():
         return evaluate_matrix(
             victims, banks, clean_batches=clean,
-            victim_runs={k: v.meta.get("path") for k, v in victims.items()},
+            victim_runs=victim_runs,
             surrogate_runs={k: v.meta.get("path") for k, v in surrogates.items()},
             allow_whitebox=allow_whitebox, batch_size=batch_size,
         )
+
+
+# ------------------------------------------------------------------ shared by attack, evaluate, pipeline
+
+
+def bank_id(model: DeployedModel) -> str:
+    """A bank-folder name unique to a surrogate's run: its registry path below the dataset, flattened
+    (``standard__lenet__none-15b738de__s0``). The pipeline and ``trigact.attack`` use the same name,
+    so each reuses the other's banks."""
+    config = model.meta.get("config") or {}
+    run_dir = model.meta.get("run_name")
+    runs_dir = (config.get("paths") or {}).get("runs_dir")
+    try:
+        rel = Path(run_dir).relative_to(runs_dir)
+        return "__".join(rel.parts[1:])  # the dataset is already a level of the bank tree
+    except (TypeError, ValueError):
+        # A bundle from elsewhere (no registry path): its file path, flattened and shortened.
+        path = Path(model.meta.get("path", "bundle"))
+        return "__".join(path.with_suffix("").parts[-4:]).replace(":", "_")
+
+
+def data_config_of(models: Mapping[str, DeployedModel]) -> dict:
+    """The data config the runs were trained on; all of them must share the dataset and image shape."""
+    seen = {}
+    for name, model in models.items():
+        config = model.meta.get("config") or {}
+        data = config.get("data")
+        if not data:
+            raise TrigactError(f"run {name} ({model.meta.get('path')}) records no data config in its bundle")
+        spec = model.meta.get("model") or {}
+        seen[name] = (data.get("name"), spec.get("in_chans"), spec.get("image_size"), data)
+    first_name, first = next(iter(seen.items()))
+    for name, entry in seen.items():
+        if entry[:3] != first[:3]:
+            raise TrigactError(
+                f"runs {first_name} and {name} were trained on different data "
+                f"({first[0]} {first[1]}x{first[2]} vs {entry[0]} {entry[1]}x{entry[2]}); evaluate one dataset at a time"
+            )
+    return dict(first[3])
+
+
+def evaluation_images(data_cfg: Mapping, n_eval: int | None, data_overrides: Mapping | None = None):
+    """The first ``n_eval`` test images of the dataset a run was trained on (``data_overrides``, e.g.
+    ``{root: /scratch/fashion-mnist}``, when the data moved since training)."""
+    from trigact.config import instantiate_named
+
+    datamodule = instantiate_named(OmegaConf.create({**dict(data_cfg), **dict(data_overrides or {})}))
+    datamodule.setup()
+    return evaluation_subset(datamodule.test_set, n_eval)
+
+
+def load_banks(root, dataset_name: str, surrogates: Mapping[str, DeployedModel], attacks: list[str], conf_dir,
+               overrides: Mapping | None = None) -> dict[tuple[str, str], Bank]:
+    """The existing complete banks of every (surrogate, attack); a missing one is a one-line error
+    saying how to make it (``trigact.evaluate`` scores, it never crafts)."""
+    from trigact.evaluation.bank import bank_dir, load_bank
+
+    banks = {}
+    for surrogate_name, model in surrogates.items():
+        for attack_name in attacks:
+            cfg = attack_config(conf_dir, attack_name, overrides)
+            path = bank_dir(root, dataset_name, bank_id(model), attack_name, cfg["eps"], int(cfg["steps"]))
+            if not (path / "meta.json").is_file():
+                raise TrigactError(
+                    f"no TAE bank for surrogate {surrogate_name} and attack {attack_name} at {path}: "
+                    "craft it first with python -m trigact.attack (same surrogates, attacks and overrides)"
+                )
+            banks[(surrogate_name, attack_name)] = load_bank(path)
+    check_same_images(banks)
+    return banks
+
+
+def check_same_images(banks: Mapping[tuple[str, str], Bank]) -> None:
+    """Every bank must hold the same clean images, or the cells of one table would not compare."""
+    items = list(banks.items())
+    if not items:
+        return
+    (first_key, first), rest = items[0], items[1:]
+    for key, bank in rest:
+        if len(bank) != len(first) or not torch.equal(bank.y, first.y) or not torch.equal(bank.x_clean, first.x_clean):
+            raise TrigactError(
+                f"TAE banks {first_key} and {key} hold different clean images ({len(first)} vs {len(bank)}): "
+                "they were crafted with different n_eval or data; craft them again with one setting"
+            )
+
+
+def victim_record(name: str, group: str, model: DeployedModel, defense: str | None = None) -> dict:
+    """What ``victims.json`` keeps of a victim: enough for analysis plots (trigger kind, eps_t, alpha)."""
+    from trigact.epsilon import parse_eps
+
+    config = model.meta.get("config") or {}
+    trigger = config.get("trigger") or {}
+    record = {
+        "name": name,
+        "group": group,
+        "bundle": model.meta.get("path"),
+        "method": model.meta.get("method"),
+        "model": (config.get("model") or {}).get("name"),
+        "seed": config.get("seed"),
+        "trigger_kind": trigger.get("kind", "none"),
+        "defense": defense,
+        "test_metrics": model.meta.get("metrics", {}),
+    }
+    for key in ("eps", "alpha"):
+        if trigger.get(key) is not None:
+            record[key] = parse_eps(trigger[key])
+    return record
+
+
+def defense_config(conf_dir, name: str | None) -> dict | None:
+    """``conf/defense/<name>.yaml`` as a dict (None for no defense)."""
+    if name in (None, "", "none"):
+        return None
+    path = Path(conf_dir) / "defense" / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (Path(conf_dir) / "defense").glob("*.yaml"))
+        raise unknown_name("defense", name, known)
+    cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    return None if cfg.get("name") in (None, "none") else cfg
+
+
+def defend(model: torch.nn.Module, defense_cfg: Mapping | None) -> torch.nn.Module:
+    """``model`` behind the preprocessing defense ``defense_cfg`` (the defense sees the attacker's input)."""
+    if not defense_cfg:
+        return model
+    from trigact.defenses import build_defense_from_config, defended
+
+    cfg = {k: v for k, v in dict(defense_cfg).items() if k != "label"}
+    return defended(model, build_defense_from_config(cfg))
+
+
+def write_results(matrix: RobustnessMatrix, groups: Mapping[str, list[str]], records: list[dict], out) -> Path:
+    """``matrix.csv`` (every cell), ``table.md`` (paper layout), ``robustness.png`` and ``victims.json``."""
+    from trigact.io import atomic_write_json, atomic_write_text
+
+    out = Path(out)
+    matrix.to_csv(out / "matrix.csv")
+    atomic_write_text(matrix.to_markdown(groups), out / "table.md")
+    matrix.plot_mean_robustness(groups, out / "robustness.png")
+    atomic_write_json(records, out / "victims.json")
+    return out

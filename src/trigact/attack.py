@@ -1,0 +1,98 @@
+"""``python -m trigact.attack surrogates=[...] attacks=[...]``: craft TAE banks for trained surrogates.
+
+Surrogates are picked by bundle, run folder, glob or Hydra sweep folder (see
+:mod:`trigact.evaluation.selection`). One bank per (surrogate, attack) on the first ``n_eval`` test
+images of the surrogates' dataset, in ``<output_dir>/advbank/``; existing complete banks are reused,
+never redone, so this is also how a pipeline's banks are found again. Ends with a table of each bank's
+white-box success rate on its own surrogate.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from hydra import compose
+from omegaconf import DictConfig, OmegaConf
+
+from trigact import load_bundle
+from trigact.cli import quiet_libraries, user_errors
+from trigact.evaluation.selection import find_runs, run_label
+from trigact.evaluation.transfer import craft_banks, data_config_of, evaluation_images
+from trigact.runs import register_resolvers
+from trigact.train import CONF_DIR
+
+register_resolvers()
+
+
+def compose_train(overrides: list[str]):
+    """The train config for a sweep job's overrides (its run folder derives from it)."""
+    return compose(config_name="train", overrides=overrides)
+
+
+def unique_labels(bundles: list[Path]) -> dict[str, object]:
+    """Table name -> deployed model, labels made unique (``... (2)``) when two runs look alike."""
+    models = {}
+    for path in bundles:
+        model = load_bundle(path)
+        label, k = run_label(model.meta), 2
+        while label in models:
+            label, k = f"{run_label(model.meta)} ({k})", k + 1
+        models[label] = model
+    return models
+
+
+def as_dict(node) -> dict:
+    return OmegaConf.to_container(node, resolve=True) if node else {}
+
+
+def plain(cfg: DictConfig, key: str):
+    """``cfg[key]`` as plain Python (a pattern may be given as one string or as a list)."""
+    value = cfg[key]
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+def select(cfg: DictConfig, key: str) -> dict:
+    return unique_labels(find_runs(plain(cfg, key), cfg.paths.runs_dir, compose_train))
+
+
+def run_attack(cfg: DictConfig) -> list[dict]:
+    surrogates = select(cfg, "surrogates")
+    data_cfg = data_config_of(surrogates)
+    images = evaluation_images(data_cfg, cfg.get("n_eval"), as_dict(cfg.get("data_overrides")))
+    banks = craft_banks(
+        cfg.paths.output_dir, data_cfg["name"], images, surrogates, list(cfg.attacks), CONF_DIR,
+        overrides=as_dict(cfg.get("attack_overrides")), batch_size=int(cfg.batch_size), seed=int(cfg.seed),
+        progress=bool(cfg.get("progress", True)),
+    )
+    return [
+        {"surrogate": s, "attack": a, "n": len(b), "clean acc": b.meta["surrogate_clean_acc"],
+         "white-box success": b.meta["whitebox_success_rate"], "bank": str(b.path)}
+        for (s, a), b in banks.items()
+    ]
+
+
+def print_banks(rows: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="trigact.attack: TAE banks")
+    for column in ("surrogate", "attack", "n", "clean acc", "white-box success"):
+        table.add_column(column, justify="left" if column in ("surrogate", "attack") else "right")
+    for row in rows:
+        table.add_row(row["surrogate"], row["attack"], str(row["n"]), f"{100 * row['clean acc']:.2f}",
+                      f"{100 * row['white-box success']:.2f}")
+    Console().print(table)
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="attack")
+def main(cfg: DictConfig) -> None:
+    quiet_libraries()
+    with user_errors():
+        rows = run_attack(cfg)
+        print_banks(rows)
+        print(f"banks: {Path(cfg.paths.output_dir, 'advbank').resolve()}")
+
+
+if __name__ == "__main__":
+    main()

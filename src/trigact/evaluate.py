@@ -1,0 +1,81 @@
+"""``python -m trigact.evaluate surrogates=[...] victims=[...]``: score victims against TAE banks.
+
+Victims and surrogates are picked by bundle, run folder, glob or Hydra sweep folder (see
+:mod:`trigact.evaluation.selection`). ``victims`` is a list (one table column per run) or a mapping
+``group -> patterns`` (one column per group, averaged over its runs: the paper's Eq. 7, e.g. seeds).
+``defense=<name>`` (conf/defense/) puts a preprocessing defense in front of every victim.
+
+The banks must exist (``python -m trigact.attack`` or the pipeline made them); evaluate never
+crafts. Clean accuracy is measured on the banks' own clean images, so no dataset is needed here.
+Writes ``matrix.csv``, ``table.md``, ``robustness.png`` and ``victims.json`` to ``results_dir``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+from torch.utils.data import TensorDataset
+
+from trigact.attack import as_dict, compose_train, plain, select, unique_labels
+from trigact.cli import quiet_libraries, user_errors
+from trigact.errors import TrigactError
+from trigact.evaluation.selection import find_runs
+from trigact.evaluation.transfer import (
+    data_config_of, defend, evaluate_victims, load_banks, victim_record, write_results,
+)
+from trigact.runs import register_resolvers
+from trigact.train import CONF_DIR
+
+register_resolvers()
+
+
+def victim_columns(cfg: DictConfig) -> dict[str, dict]:
+    """Column name -> {table name -> deployed model}."""
+    spec = plain(cfg, "victims")
+    if isinstance(spec, (str, list)):
+        return {label: {label: model} for label, model in unique_labels(find_runs(spec, cfg.paths.runs_dir, compose_train)).items()}
+    if isinstance(spec, dict) and spec:
+        return {group: unique_labels(find_runs(patterns, cfg.paths.runs_dir, compose_train)) for group, patterns in spec.items()}
+    raise TrigactError("victims must be a list of runs (one column each) or a mapping group -> runs")
+
+
+def run_evaluate(cfg: DictConfig):
+    surrogates = select(cfg, "surrogates")
+    columns = victim_columns(cfg)
+    everyone = {**surrogates, **{n: m for group in columns.values() for n, m in group.items()}}
+    data_name = data_config_of(everyone)["name"]
+    banks = load_banks(cfg.paths.output_dir, data_name, surrogates, list(cfg.attacks), CONF_DIR,
+                       as_dict(cfg.get("attack_overrides")))
+    first = next(iter(banks.values()))
+    defense = as_dict(cfg.get("defense")) or None
+    if defense and defense.get("name") in (None, "none"):
+        defense = None
+    tag = defense.get("label", defense["name"]) if defense else None
+
+    victims, runs, records, groups = {}, {}, [], {}
+    for group, members in columns.items():
+        groups[group] = []
+        for label, model in members.items():
+            name = label if len(members) == 1 and label == group else f"{group} / {label}"
+            victims[name], runs[name] = defend(model, defense), model.meta.get("path")
+            records.append(victim_record(name, group, model, tag))
+            groups[group].append(name)
+    matrix = evaluate_victims(victims, surrogates, banks, TensorDataset(first.x_clean, first.y),
+                              allow_whitebox=bool(cfg.allow_whitebox), batch_size=int(cfg.batch_size), victim_runs=runs)
+    out = write_results(matrix, groups, records, cfg.results_dir)
+    return matrix, groups, out
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    quiet_libraries()
+    with user_errors():
+        matrix, groups, out = run_evaluate(cfg)
+        print(matrix.to_markdown(groups))
+        print(f"results: {Path(out).resolve()}")
+
+
+if __name__ == "__main__":
+    main()
