@@ -223,6 +223,15 @@ def write_results(matrix: RobustnessMatrix, groups: Mapping[str, list[str]], rec
     from trigact.io import atomic_write_json, atomic_write_text
 
     out = Path(out)
+    eq6 = matrix.mean_over_surrogates()
+    records = [dict(r) for r in records]
+    for record in records:  # what analysis plots need, beside the cells in matrix.csv
+        name = record["name"]
+        record["clean_acc"] = matrix.clean.get(name)
+        per_attack = {a: eq6[(name, a)] for a in matrix.attacks if (name, a) in eq6}
+        record["robust_acc"] = per_attack
+        record["attacks"] = list(per_attack)  # the table's row order (JSON keys get sorted)
+        record["mean_robust_acc"] = sum(per_attack.values()) / len(per_attack) if per_attack else None
     matrix.to_csv(out / "matrix.csv")
     atomic_write_text(matrix.to_markdown(groups), out / "table.md")
     matrix.plot_mean_robustness(groups, out / "robustness.png")
