@@ -133,13 +133,31 @@ def attack_and_evaluate(cfg: DictConfig, train_cfgs: dict, out: Path):
     return matrix, columns
 
 
+def search_objective(cfg: DictConfig, results_dir) -> float:
+    """``hparams_search``'s value for Optuna: the searched run's mean robust accuracy (over attacks
+    and surrogates) when its clean accuracy reaches ``search.clean_floor``, else ``clean - floor`` (< 0)."""
+    import json
+
+    run, floor = cfg.search.run, float(cfg.search.clean_floor)
+    records = {r["name"]: r for r in json.loads((Path(results_dir) / "victims.json").read_text())}
+    if run not in records:
+        raise TrigactError(f"search.run={run!r} is not a victim of this experiment; victims: {', '.join(records)}")
+    clean, robust = records[run]["clean_acc"], records[run]["mean_robust_acc"]
+    value = robust if clean >= floor else clean - floor
+    print(f"objective: {value:.4f} (clean {clean:.2%}, floor {floor:.0%}, mean robust {robust:.2%})")
+    return float(value)
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="pipeline")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float | None:
     quiet_libraries()
     with user_errors():
         rows = run_pipeline(cfg)
         print_table(rows, f"trigact.pipeline experiment={cfg.pipeline.name}")
         print(f"results: {Path(cfg.paths.results_dir).resolve()}")
+        if cfg.get("search"):
+            return search_objective(cfg, cfg.paths.results_dir)
+    return None
 
 
 if __name__ == "__main__":
