@@ -31,3 +31,23 @@ class CrashAtEpochStart(L.Callback):
     def on_train_epoch_start(self, trainer, pl_module):
         if trainer.current_epoch == self.epoch:
             raise SimulatedPreemption(f"simulated preemption at epoch {self.epoch}")
+
+
+class SaveTauPerRank(L.Callback):
+    """Writes ``<dirpath>/tau_rank<global rank>.pt`` when fit ends, on every rank. For DDP tests,
+    through ``+callbacks.save_tau._target_=helpers_hydra.SaveTauPerRank``: the ranks that Lightning
+    launches re-run the same command line with the parent's environment, so with ``tests/`` on
+    PYTHONPATH they import this module too."""
+
+    def __init__(self, dirpath: str):
+        self.dirpath = dirpath
+
+    def on_fit_end(self, trainer, pl_module):
+        from pathlib import Path
+
+        import torch
+
+        path = Path(self.dirpath) / f"tau_rank{trainer.global_rank}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"tau": pl_module.trigger.tau.detach().cpu().clone(), "world_size": trainer.world_size,
+                    "state_dict": {k: v.detach().cpu().clone() for k, v in pl_module.net.state_dict().items()}}, path)

@@ -23,6 +23,7 @@ from trigact.io import atomic_write_json
 from trigact.report import print_table
 from trigact.models import build_model
 from trigact.runs import register_resolvers
+from trigact.tracking import finish_wandb_loggers, is_wandb_logger_config, wandb_logger
 from trigact.triggers import build_trigger
 
 register_resolvers()
@@ -63,14 +64,19 @@ def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
     update = cfg.trigger.get("update")  # not cfg.trigger.update: that is DictConfig's dict.update
     if update:
-        callbacks.append(instantiate(update))
+        # First: Lightning runs on_train_epoch_end hooks in list order, and the trigger image (and
+        # anything else that reads tau at epoch end) must see the epoch's updated trigger.
+        # ModelCheckpoint needs no care: Lightning always moves it to the end.
+        callbacks.insert(0, instantiate(update))
     if not cfg.trainer.get("enable_progress_bar", True):
         callbacks = [c for c in callbacks if not isinstance(c, (RichProgressBar, TQDMProgressBar))]
     return callbacks
 
 
 def build_loggers(cfg: DictConfig) -> list:
-    return [instantiate(c) for c in (cfg.get("logger") or {}).values() if c and "_target_" in c]
+    """The configured Lightning loggers; a W&B one gets its run from :mod:`trigact.tracking`."""
+    nodes = [c for c in (cfg.get("logger") or {}).values() if c and "_target_" in c]
+    return [wandb_logger(cfg, c) if is_wandb_logger_config(c) else instantiate(c) for c in nodes]
 
 
 def resolve_checkpoint(ckpt_path, run_dir: Path) -> str | None:
@@ -113,20 +119,30 @@ def train(cfg: DictConfig) -> dict:
     bundle_path = run_dir / BUNDLE_NAME
     if bundle_path.exists():
         meta = read_bundle(bundle_path)["meta"]
-        print(f"already finished, not retrained: {bundle_path}")
+        resume = "; nothing to resume" if cfg.get("ckpt_path") else ""
+        print(f"already finished, not retrained{resume}: {bundle_path}")
         return {"run_dir": str(run_dir), "bundle": str(bundle_path), "skipped": True, **meta["metrics"]}
 
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)
     module = build_run(cfg, datamodule)
-    # default_root_dir: Lightning's own files (SLURM hpc_ckpt_*.ckpt, default checkpoints) go into
-    # this run's folder, never into a launch directory shared by other runs.
-    trainer: L.Trainer = instantiate(
-        cfg.trainer, default_root_dir=str(run_dir), callbacks=build_callbacks(cfg), logger=build_loggers(cfg) or False
-    )
-    ckpt_path = resolve_checkpoint(cfg.get("ckpt_path"), run_dir)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    results = trainer.test(module, datamodule=datamodule, verbose=False)[0]
+    ckpt_path = resolve_checkpoint(cfg.get("ckpt_path"), run_dir)  # before a W&B run is started
+    callbacks = build_callbacks(cfg)
+    loggers = build_loggers(cfg)
+    failed = True
+    try:
+        # default_root_dir: Lightning's own files (SLURM hpc_ckpt_*.ckpt, default checkpoints) go
+        # into this run's folder, never into a launch directory shared by other runs.
+        trainer: L.Trainer = instantiate(
+            cfg.trainer, default_root_dir=str(run_dir), callbacks=callbacks, logger=loggers or False
+        )
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        results = trainer.test(module, datamodule=datamodule, verbose=False)[0]
+        failed = False
+    finally:
+        # One W&B run per train() call, marked failed if fit raised: a process may train several
+        # models (the pipeline), and an open run would stay "running" until the process exits.
+        finish_wandb_loggers(loggers, failed=failed)
     metrics = final_metrics(results, module.trigger is not None)
 
     if trainer.is_global_zero:

@@ -126,7 +126,8 @@ class TriggerUpdateCallback(L.Callback):
             "tau_l2": float(tau.norm()),
         }
         self.history.append(entry)
-        pl_module.log_dict({"trigger/tau_linf": entry["tau_linf"], "trigger/tau_l2": entry["tau_l2"]})
+        # Identical on every rank; sync_dist only averages equal values (and keeps Lightning quiet).
+        pl_module.log_dict({"trigger/tau_linf": entry["tau_linf"], "trigger/tau_l2": entry["tau_l2"]}, sync_dist=True)
         self.grad_sum, self.grad_epoch = None, -1
         pl_module.track_trigger_grad = False
 

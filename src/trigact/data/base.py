@@ -36,6 +36,24 @@ def check_positive_int(key: str, value) -> int:
     return value
 
 
+class EpochSeededSampler(DistributedSampler):
+    """A DistributedSampler whose `set_epoch` also reseeds the DataLoader's generator from (seed, epoch).
+
+    The DataLoader draws its workers' base seed from that generator each time an epoch starts; left
+    alone, epoch e would get the e-th draw of this process, which a resumed run does not repeat.
+    """
+
+    def __init__(self, *args, loader_generator: torch.Generator, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.loader_generator = loader_generator
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        # A distinct, fixed stream per (seed, epoch); the same on every rank (workers mix in the rank).
+        self.loader_generator.manual_seed((self.seed * 1_000_003 + epoch) % 2**63)
+
+
 class TrigactDataModule(L.LightningDataModule):
     """Base LightningDataModule: images are float tensors in [0, 1], shape (C, H, W), unnormalized.
 
@@ -97,7 +115,8 @@ class TrigactDataModule(L.LightningDataModule):
             return 1, 0
         return trainer.world_size, trainer.global_rank
 
-    def _loader(self, dataset: Dataset, batch_size: int, **kwargs) -> DataLoader:
+    def _loader(self, dataset: Dataset, batch_size: int, generator: torch.Generator | None = None,
+                persistent_workers: bool = True, **kwargs) -> DataLoader:
         """A DataLoader whose worker RNGs derive from `seed` (and the rank), so augmentation is reproducible."""
         _, rank = self._world()
         return DataLoader(
@@ -105,9 +124,9 @@ class TrigactDataModule(L.LightningDataModule):
             batch_size=batch_size,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
+            persistent_workers=persistent_workers and self.num_workers > 0,
             worker_init_fn=partial(pl_worker_init_function, rank=rank),
-            generator=torch.Generator().manual_seed(self.seed),
+            generator=torch.Generator().manual_seed(self.seed) if generator is None else generator,
             **kwargs,
         )
 
@@ -121,13 +140,30 @@ class TrigactDataModule(L.LightningDataModule):
         The order is a function of (seed, epoch) only: Lightning calls `set_epoch` on the
         DistributedSampler (and never replaces one), so each epoch differs, and a run resumed from a
         checkpoint sees the same order as an uninterrupted one. Used even on one process for that reason.
+
+        So are the worker processes' random streams (augmentation with `num_workers > 0`): the
+        sampler reseeds the loader's generator, from which each epoch's workers are seeded, from
+        (seed, epoch), and the workers are started afresh each epoch (not persistent) so that
+        epoch e's augmentation does not depend on how many epochs this process ran before it.
         """
         self._require_setup()
         world_size, rank = self._world()
-        sampler = DistributedSampler(
-            self.train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=self.seed, drop_last=False
+        generator = torch.Generator()
+        sampler = EpochSeededSampler(
+            self.train_set, loader_generator=generator,
+            num_replicas=world_size, rank=rank, shuffle=True, seed=self.seed, drop_last=False,
         )
-        return self._loader(self.train_set, self.batch_size, sampler=sampler)
+        # Lightning 2.6 creates the first epoch's iterator before it calls set_epoch, and on resume
+        # keeps that iterator for the resumed epoch. With workers it prefetches at once, i.e. takes
+        # the order and the worker seeds of whatever epoch the sampler holds then, so the sampler
+        # must already hold the epoch the loop will run: the one Lightning itself passes to
+        # set_epoch (`epoch_progress.current.processed`; `current_epoch` is one behind when the
+        # checkpoint was written at an epoch's end).
+        trainer = getattr(self, "trainer", None)
+        fit_loop = getattr(trainer, "fit_loop", None)
+        sampler.set_epoch(fit_loop.epoch_progress.current.processed if fit_loop is not None else 0)
+        return self._loader(self.train_set, self.batch_size, generator=generator, persistent_workers=False,
+                            sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
         """The test split: the paper reports test accuracy and has no separate validation split."""
