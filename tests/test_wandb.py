@@ -264,3 +264,31 @@ def test_online_when_the_server_answers(tmp_path, monkeypatch, capsys):
         monkeypatch.setattr(tracking, "_said_offline", False)
         assert tracking.wandb_mode() == "online" and os.environ["WANDB_MODE"] == "online"
     assert capsys.readouterr().out == ""
+
+
+def test_evaluate_logs_its_robustness_tables_as_an_eval_job(offline_wandb, shrunk_demo):
+    """``trigact.evaluate wandb.enabled=true``: an eval-job run beside the results, holding the cells,
+    the paper-layout table and the victims as wandb.Tables."""
+    import shutil
+
+    from hydra import compose, initialize_config_dir
+
+    from trigact.evaluate import run_evaluate
+    from trigact.train import CONF_DIR
+
+    root, _ = shrunk_demo
+    shutil.copytree(root / "outputs", offline_wandb / "outputs")
+    over = [f"paths.root_dir={offline_wandb}", "surrogates=[digits/standard/lenet]", "victims=[digits/standard/small_cnn]",
+            "attacks=[pgd]", "attack_overrides.eps=32/255", "attack_overrides.steps=3", "name=wb", "wandb.enabled=true",
+            "wandb.group=sweep-a"]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        matrix, groups, out = run_evaluate(compose(config_name="evaluate", overrides=over))
+    wb = read_offline_run(out)
+    assert (wb["run"].job_type, wb["run"].run_group, wb["run"].display_name) == ("eval", "sweep-a", "eval-wb")
+    assert wb["config"]["victims"] == ["digits/standard/small_cnn"]
+    tables = {p.name.split("_")[0]: json.loads(p.read_text()) for p in (wb["dir"] / "files" / "media" / "table" / "robustness").glob("*.table.json")}
+    assert set(tables) == {"cells", "table", "victims"}
+    assert tables["table"]["columns"] == ["row", "small_cnn standard s0"]
+    assert [r[0] for r in tables["table"]["data"]] == ["Clean", "pgd", "Mean"]
+    cell = tables["cells"]["data"][0]
+    assert dict(zip(tables["cells"]["columns"], cell))["accuracy"] == matrix.cells[0]["accuracy"]

@@ -18,8 +18,9 @@ from omegaconf import DictConfig, OmegaConf
 from trigact import load_bundle
 from trigact.cli import quiet_libraries, user_errors
 from trigact.evaluation.selection import find_runs, run_label
-from trigact.evaluation.transfer import craft_banks, data_config_of, evaluation_images
+from trigact.evaluation.transfer import bank_rows, craft_banks, data_config_of, evaluation_images
 from trigact.runs import register_resolvers
+from trigact.tracking import job_run, log_tables
 from trigact.train import CONF_DIR
 
 register_resolvers()
@@ -65,11 +66,12 @@ def run_attack(cfg: DictConfig) -> list[dict]:
         overrides=as_dict(cfg.get("attack_overrides")), batch_size=int(cfg.batch_size), seed=int(cfg.seed),
         progress=bool(cfg.get("progress", True)),
     )
-    return [
-        {"surrogate": s, "attack": a, "n": len(b), "clean acc": b.meta["surrogate_clean_acc"],
-         "white-box success": b.meta["whitebox_success_rate"], "bank": str(b.path)}
-        for (s, a), b in banks.items()
-    ]
+    rows = bank_rows(banks)
+    run = job_run(cfg, "attack", f"attack-{data_cfg['name']}", Path(cfg.paths.output_dir))
+    if run is not None:
+        log_tables(run, {"banks": rows})
+        run.finish()
+    return rows
 
 
 def print_banks(rows: list[dict]) -> None:

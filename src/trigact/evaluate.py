@@ -23,8 +23,9 @@ from trigact.cli import quiet_libraries, user_errors
 from trigact.errors import TrigactError
 from trigact.evaluation.selection import find_runs
 from trigact.evaluation.transfer import (
-    data_config_of, defend, evaluate_victims, load_banks, victim_record, write_results,
+    data_config_of, defend, evaluate_victims, load_banks, robustness_tables, victim_record, write_results,
 )
+from trigact.tracking import job_run, log_tables
 from trigact.runs import register_resolvers
 from trigact.train import CONF_DIR
 
@@ -65,6 +66,10 @@ def run_evaluate(cfg: DictConfig):
     matrix = evaluate_victims(victims, surrogates, banks, TensorDataset(first.x_clean, first.y),
                               allow_whitebox=bool(cfg.allow_whitebox), batch_size=int(cfg.batch_size), victim_runs=runs)
     out = write_results(matrix, groups, records, cfg.results_dir)
+    run = job_run(cfg, "eval", f"eval-{Path(out).name}", out)
+    if run is not None:
+        log_tables(run, robustness_tables(matrix, groups, records))
+        run.finish()
     return matrix, groups, out
 
 

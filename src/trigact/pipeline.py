@@ -20,8 +20,10 @@ from trigact import load_bundle
 from trigact.cli import quiet_libraries, user_errors
 from trigact.errors import TrigactError, unknown_name
 from trigact.evaluation.transfer import (
-    craft_banks, defend, defense_config, evaluate_victims, evaluation_subset, victim_record, write_results,
+    bank_rows, craft_banks, defend, defense_config, evaluate_victims, evaluation_subset, robustness_tables, victim_record,
+    write_results,
 )
+from trigact.tracking import job_run, log_tables
 from trigact.io import atomic_write_json, atomic_write_text
 from trigact.runs import register_resolvers
 from trigact.report import markdown_table, print_table
@@ -37,7 +39,14 @@ def run_overrides(cfg: DictConfig, name: str) -> list[str]:
         raise TrigactError(f"pipeline.runs.{name} must be a list of train overrides, e.g. [method=standard]")
     # The pipeline's own path settings apply to its training runs too (quoted: paths may hold , = [).
     shared = [f"paths.{key}={quote(cfg.paths[key])}" for key in FORWARDED_PATHS] + [f"seed={cfg.seed}"]
+    if cfg.get("wandb") and cfg.wandb.enabled:  # the training runs log to W&B in the pipeline's group
+        shared += ["logger=wandb", f"logger.wandb.group={quote(wandb_group(cfg))}"]
+        shared += [f"logger.wandb.project={quote(cfg.wandb.project)}"]
     return shared + list(cfg.pipeline.train_overrides) + list(own)
+
+
+def wandb_group(cfg: DictConfig) -> str:
+    return cfg.wandb.group or f"pipeline-{cfg.pipeline.name}"
 
 
 FORWARDED_PATHS = ("root_dir", "data_dir", "output_dir", "runs_dir")
@@ -113,6 +122,12 @@ def attack_and_evaluate(cfg: DictConfig, train_cfgs: dict, out: Path):
         overrides=OmegaConf.to_container(cfg.pipeline.attack_overrides, resolve=True) if cfg.pipeline.get("attack_overrides") else {},
         seed=cfg.seed,
     )
+    if cfg.get("wandb") and cfg.wandb.enabled:
+        run = job_run(OmegaConf.merge(cfg, {"wandb": {"group": wandb_group(cfg)}}), "attack",
+                      f"attack-{cfg.pipeline.name}", out)
+        if run is not None:
+            log_tables(run, {"banks": bank_rows(banks)})
+            run.finish()
     victims, runs, records, columns = {}, {}, [], {}
     for group, spec in groups.items():
         defense = spec["defense"] if isinstance(spec["defense"], dict) else defense_config(CONF_DIR, spec["defense"])
@@ -130,6 +145,12 @@ def attack_and_evaluate(cfg: DictConfig, train_cfgs: dict, out: Path):
         victims, surrogates, banks, images, allow_whitebox=cfg.pipeline.get("allow_whitebox", False), victim_runs=runs
     )
     write_results(matrix, columns, records, out)
+    if cfg.get("wandb") and cfg.wandb.enabled:
+        wandb_cfg = OmegaConf.merge(cfg, {"wandb": {"group": wandb_group(cfg)}})
+        run = job_run(wandb_cfg, "eval", f"eval-{cfg.pipeline.name}", out)
+        if run is not None:
+            log_tables(run, robustness_tables(matrix, columns, records))
+            run.finish()
     return matrix, columns
 
 

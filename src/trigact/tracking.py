@@ -248,3 +248,22 @@ def log_tables(run, tables: Mapping[str, Rows | ColumnsAndRows]) -> None:
         columns, rows = table_columns_and_rows(key, table)
         logged[key] = wandb.Table(columns=columns, data=rows, allow_mixed_types=True)
     run.log(logged)
+
+
+def job_run(cfg, job_type: str, name: str, dir):
+    """A W&B run for the ``attack``/``eval`` stage when ``cfg.wandb.enabled`` (None otherwise).
+
+    The stage configs carry a small ``wandb:`` node (enabled, project, entity, group, tags) instead
+    of a Lightning logger: there is no Trainer in these stages.
+    """
+    settings = OmegaConf.to_container(cfg.wandb, resolve=True) if cfg.get("wandb") else {}
+    if not settings.get("enabled") or os.environ.get("WANDB_MODE", "").strip() == "disabled":
+        return None
+    node = {"_target_": "lightning.pytorch.loggers.WandbLogger",
+            **{k: settings.get(k) for k in ("project", "entity", "tags", "group")}}
+    # paths.run_dir names a training run; these stages have none (it cannot resolve here).
+    plain = OmegaConf.to_container(cfg, resolve=False)
+    plain.get("paths", {}).pop("run_dir", None)
+    config = OmegaConf.to_container(OmegaConf.create(plain), resolve=True)
+    config["logger"] = {"wandb": node}
+    return init_wandb_run(config, job_type, name=name, group=settings.get("group"), dir=dir)
