@@ -51,3 +51,19 @@ class SaveTauPerRank(L.Callback):
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"tau": pl_module.trigger.tau.detach().cpu().clone(), "world_size": trainer.world_size,
                     "state_dict": {k: v.detach().cpu().clone() for k, v in pl_module.net.state_dict().items()}}, path)
+
+
+class CountEpochs(L.Callback):
+    """Records which epochs this process trained, into ``<default_root_dir>/epochs_trained.json``."""
+
+    def __init__(self):
+        self.epochs = []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.epochs.append(trainer.current_epoch)
+
+    def on_train_end(self, trainer, pl_module):
+        import json
+        from pathlib import Path
+
+        (Path(trainer.default_root_dir) / "epochs_trained.json").write_text(json.dumps(self.epochs))

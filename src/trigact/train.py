@@ -6,6 +6,7 @@ from the Hydra config, calls ``Trainer.fit``, tests, and saves the deployment bu
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import hydra
@@ -13,6 +14,7 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from trigact.bundle import read_bundle, save_bundle
@@ -22,6 +24,7 @@ from trigact.errors import TrigactError
 from trigact.io import atomic_write_json
 from trigact.report import print_table
 from trigact.models import build_model
+from trigact.run_status import RunAttempt, RunLocked
 from trigact.runs import register_resolvers
 from trigact.tracking import finish_wandb_loggers, is_wandb_logger_config, wandb_logger
 from trigact.triggers import build_trigger
@@ -79,15 +82,23 @@ def build_loggers(cfg: DictConfig) -> list:
     return [wandb_logger(cfg, c) if is_wandb_logger_config(c) else instantiate(c) for c in nodes]
 
 
+def newest_checkpoint(run_dir: Path) -> Path:
+    """``<run_dir>/checkpoints/last.ckpt`` (written at each epoch end), or a SLURM ``hpc_ckpt_N.ckpt``
+    that Lightning saved into the run folder on a preemption signal, whichever is newer."""
+    last = run_dir / "checkpoints" / "last.ckpt"
+    candidates = [p for p in [last, *run_dir.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
+    return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else last
+
+
 def resolve_checkpoint(ckpt_path, run_dir: Path) -> str | None:
     """Check the checkpoint to resume from before Lightning does, for a one-line error.
 
-    ``last`` means ``<run_dir>/checkpoints/last.ckpt`` and starts from scratch when there is none
+    ``last`` means the newest of ``<run_dir>/checkpoints/last.ckpt`` and SLURM ``hpc_ckpt_*.ckpt`` and starts from scratch when there is none
     yet (a first launch under a requeueing scheduler); an explicit path must exist. Either must load.
     """
     if ckpt_path is None:
         return None
-    path = run_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
+    path = newest_checkpoint(run_dir) if ckpt_path == "last" else Path(ckpt_path)
     if not path.is_file():
         if ckpt_path == "last":
             print(f"no checkpoint at {path} yet: starting from scratch")
@@ -123,10 +134,33 @@ def train(cfg: DictConfig) -> dict:
         print(f"already finished, not retrained{resume}: {bundle_path}")
         return {"run_dir": str(run_dir), "bundle": str(bundle_path), "skipped": True, **meta["metrics"]}
 
+    # Rank 0 (the process Lightning's launchers start the others from) owns the folder's lock and
+    # status; the other ranks of a DDP job train inside its attempt.
+    attempt = RunAttempt(run_dir, launch_dir=_launch_dir()) if rank_zero_only.rank == 0 else contextlib.nullcontext()
+    with attempt:
+        return _train_attempt(cfg, run_dir, bundle_path, attempt if isinstance(attempt, RunAttempt) else None)
+
+
+def _launch_dir() -> str | None:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return HydraConfig.get().runtime.output_dir
+    except ValueError:  # not launched through Hydra (tests, the pipeline's compose)
+        return None
+
+
+def _train_attempt(cfg: DictConfig, run_dir: Path, bundle_path: Path, attempt) -> dict:
+    ckpt_request = cfg.get("ckpt_path")
+    note = attempt.retry_note() if attempt is not None else None
+    if note:
+        print(note)
+        if ckpt_request is None:
+            ckpt_request = "last"  # an unfinished earlier attempt: go on from its last checkpoint
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)
     module = build_run(cfg, datamodule)
-    ckpt_path = resolve_checkpoint(cfg.get("ckpt_path"), run_dir)  # before a W&B run is started
+    ckpt_path = resolve_checkpoint(ckpt_request, run_dir)  # before a W&B run is started
     callbacks = build_callbacks(cfg)
     loggers = build_loggers(cfg)
     failed = True
@@ -160,6 +194,8 @@ def train(cfg: DictConfig) -> dict:
         }
         save_bundle(bundle_path, module.net, trigger, meta)
         atomic_write_json({"metrics": metrics, "config": config}, run_dir / "summary.json")
+        if attempt is not None:
+            attempt.finished(metrics)
     trainer.strategy.barrier()
     return {"run_dir": str(run_dir), "bundle": str(bundle_path), "skipped": False,
             "is_global_zero": trainer.is_global_zero, **metrics}
@@ -169,7 +205,13 @@ def train(cfg: DictConfig) -> dict:
 def main(cfg: DictConfig) -> None:
     quiet_libraries()
     with user_errors():
-        summary = train(cfg)
+        try:
+            summary = train(cfg)
+        except RunLocked as busy:
+            # Another launch (e.g. an overlapping sweep) is training this very run: not an error
+            # of this launch, and a sweep's other jobs go on.
+            print(f"skipped: {busy}")
+            return
         if not summary.get("is_global_zero", True):
             return  # under DDP only rank 0 reports (and writes)
         print_table([{"name": f"{cfg.method.name} / {cfg.model.name}", **summary}], "trigact.train")
