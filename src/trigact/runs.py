@@ -44,7 +44,7 @@ NOT_HASHED = {
     "data": {"root", "download", "num_workers", "pin_memory"},
     "trainer": {"_target_", "accelerator", "strategy", "deterministic", "enable_progress_bar",
                 "enable_model_summary", "log_every_n_steps", "enable_checkpointing", "limit_val_batches",
-                "limit_test_batches", "use_distributed_sampler"},
+                "limit_test_batches", "use_distributed_sampler", "plugins"},
 }
 EPSILONS = ("eps", "alpha")
 HASHED = ("data", "model", "method", "trigger", "optimizer", "scheduler", "trainer")
