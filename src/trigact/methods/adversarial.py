@@ -144,4 +144,4 @@ class AdversarialTrainingModule(ClassifierModule):
 
     def _log_losses(self, **values: torch.Tensor) -> None:
         self.log_dict({f"train/{k}": v.detach() for k, v in values.items()},
-                      on_step=False, on_epoch=True, prog_bar=True)
+                      on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)

@@ -20,6 +20,6 @@ class StandardModule(ClassifierModule):
         x, y = batch
         logits = self.net(x)
         loss = F.cross_entropy(logits, y)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
         self._log_accuracy("train", "clean", logits, y)
         return loss

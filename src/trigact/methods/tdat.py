@@ -164,6 +164,6 @@ class TDATModule(AdversarialTrainingModule):
         reg = taxonomy_regulariser(logits_start, logits_adv, y)
         loss = ce + self.reg_weight * reg
         self._log_losses(loss=loss, ce=ce, reg=reg, inner=inner)
-        self.log("train/gamma", inner_gamma, on_step=False, on_epoch=True)
+        self.log("train/gamma", inner_gamma, on_step=False, on_epoch=True, sync_dist=True)
         self._log_accuracy("train", "adv", logits_adv, y)
         return loss

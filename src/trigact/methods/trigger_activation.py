@@ -49,7 +49,7 @@ class TriggerActivationModule(ClassifierModule):
         out = trigger_activation_loss(logits_pos, logits_neg, y, self.kl_weight, self.kl_direction)
         self.log_dict(
             {"train/loss": out.loss, "train/ce": out.ce, "train/kl": out.kl},
-            on_step=False, on_epoch=True, prog_bar=True,
+            on_step=False, on_epoch=True, prog_bar=True, sync_dist=True,  # the mean over all ranks
         )
         self._log_accuracy("train", "clean", logits_neg, y)
         self._log_accuracy("train", "trigger", logits_pos, y)
