@@ -36,3 +36,12 @@ def atomic_write_text(text: str, path) -> Path:
 
 def atomic_write_json(obj, path) -> Path:
     return atomic_write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", path)
+
+
+def atomic_write_bytes(data: bytes, path) -> Path:
+    return _atomic(path, lambda f: f.write(data))
+
+
+def atomic_save_figure(fig, path, dpi: int = 120) -> Path:
+    """A matplotlib Figure saved as PNG, atomically."""
+    return _atomic(path, lambda f: fig.savefig(f, format="png", dpi=dpi))

@@ -9,13 +9,12 @@ trigger (standard training, or adversarial training) are drawn as horizontal ref
 from __future__ import annotations
 
 import json
-import os
 import statistics
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from trigact.errors import TrigactError
+from trigact.io import atomic_save_figure
 
 AXES = {"eps": "fixed", "alpha": "learnable"}
 
@@ -131,14 +130,4 @@ def plot_sweep(points: list[SweepPoint], references: dict[str, dict], path, x: s
     ax.legend(fontsize=7, loc="lower left")
     ax.set_title(title or f"Accuracy against trigger size ({AXES[x]} trigger)")
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=120)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_save_figure(fig, path)

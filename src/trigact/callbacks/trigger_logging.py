@@ -14,8 +14,6 @@ enlarged by an integer factor with nearest-neighbour so that each pixel stays on
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from io import BytesIO
 from pathlib import Path
 
@@ -24,6 +22,7 @@ import numpy as np
 import torch
 from lightning.pytorch.loggers import WandbLogger
 
+from trigact.io import atomic_write_bytes
 from trigact.callbacks.trigger_update import TriggerUpdateCallback
 from trigact.errors import TrigactError
 
@@ -57,18 +56,7 @@ def save_png_atomically(array: np.ndarray, path) -> Path:
     path = Path(path)
     buffer = BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buffer.getvalue())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_bytes(buffer.getvalue(), path)
 
 
 class TriggerImageCallback(L.Callback):

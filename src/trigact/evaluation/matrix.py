@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import io
 import os
-import tempfile
 import textwrap
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ import torch
 from torch import nn
 
 from trigact.errors import TrigactError
-from trigact.io import atomic_write_text
+from trigact.io import atomic_save_figure, atomic_write_text
 
 CSV_FIELDS = ("victim", "surrogate", "attack", "accuracy", "n")
 
@@ -223,17 +222,7 @@ class RobustnessMatrix:
         ax.set_ylabel("mean robust accuracy (%)")
         ax.set_title(f"Mean over {len(self.attacks)} attacks and {len(self.surrogates)} surrogates")
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-        os.close(fd)
-        try:
-            fig.savefig(tmp, format="png", dpi=120)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return atomic_save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------------------- evaluate
