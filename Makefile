@@ -35,6 +35,7 @@ test-full: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/train_cost.py
 	$(PY) benchmarks/attack_cost.py
+	$(PY) benchmarks/defense_cost.py
 
 clean:
 	rm -rf outputs multirun .pytest_cache build dist src/*.egg-info

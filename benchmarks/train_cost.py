@@ -19,6 +19,7 @@ import time
 
 import lightning as L
 import torch
+from _epoch_timing import fit_epoch_times
 
 from trigact.callbacks import TriggerUpdateCallback
 from trigact.data import DigitsDataModule
@@ -29,19 +30,6 @@ from trigact.triggers import fixed_trigger, learnable_trigger
 VARIANTS = ("standard", "fixed", "learnable_epoch", "learnable_train_step")
 CLOCK = time.perf_counter
 TARGETS = {"fixed": 2.1, "learnable_epoch": 2.7, "learnable_train_step": 2.2}
-
-
-class EpochTimer(L.Callback):
-    """Wall time per epoch, from epoch start to the end of every on_train_epoch_end hook before it."""
-
-    def __init__(self):
-        self.times: list[float] = []
-
-    def on_train_epoch_start(self, trainer, pl_module):
-        self._start = CLOCK()
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        self.times.append(CLOCK() - self._start)
 
 
 def epoch_times(variant: str, args) -> list[float]:
@@ -59,14 +47,7 @@ def epoch_times(variant: str, args) -> list[float]:
         source = "epoch" if variant == "learnable_epoch" else "train_step"
         module = TriggerActivationModule(net=net, trigger=learnable_trigger(shape, 4 / 255), optimizer=optimizer)
         callbacks.append(TriggerUpdateCallback(update_fraction=1.0, source=source))
-    timer = EpochTimer()
-    trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_epochs=args.epochs, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
-        callbacks=callbacks + [timer],  # the timer's epoch end runs after the trigger update
-    )
-    trainer.fit(module, datamodule=dm)
-    return timer.times[1:]  # drop the warm-up epoch
+    return fit_epoch_times(module, dm, epochs=args.epochs, callbacks=callbacks, clock=CLOCK)
 
 
 def main() -> None:

@@ -287,3 +287,15 @@ def test_defended_runs_the_defense_first():
     # A defense never switches to train mode with its victim.
     victim.train()
     assert model.training and not defense.training
+
+
+def test_a_dictconfig_with_nested_settings_builds_like_a_plain_dict():
+    from omegaconf import OmegaConf
+
+    from trigact.defenses import build_defense_from_config
+
+    cfg = OmegaConf.create({"name": "diffpure", "allow_random_init": True, "t_star": 0.05, "steps": 2,
+                            "unet_config": TINY_UNET})
+    defense = build_defense_from_config(cfg)
+    x = torch.rand(1, 1, 16, 16)
+    assert defense(x).shape == x.shape

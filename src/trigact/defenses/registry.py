@@ -91,14 +91,10 @@ def build_defense_from_config(cfg: Mapping | None) -> nn.Module:
     """
     if cfg is None:
         return build_defense("none")
-    if not isinstance(cfg, Mapping):
-        try:  # a DictConfig without importing omegaconf here
-            from omegaconf import DictConfig, OmegaConf
+    from omegaconf import DictConfig, OmegaConf
 
-            if isinstance(cfg, DictConfig):
-                cfg = OmegaConf.to_container(cfg, resolve=True)
-        except ImportError:  # pragma: no cover - omegaconf ships with hydra, a dependency
-            pass
+    if isinstance(cfg, DictConfig):  # a Mapping too, but nested nodes must become plain dicts
+        cfg = OmegaConf.to_container(cfg, resolve=True)
     if not isinstance(cfg, Mapping):
         raise TrigactError(f"a defense config must be a mapping like {{name: jpeg, quality: 50}}, got {cfg!r}")
     params = {k: v for k, v in cfg.items() if k not in _CONFIG_ONLY_KEYS}
