@@ -7,6 +7,7 @@ ships a reader, so a small one is below) and the media files under ``files/media
 """
 
 import json
+import time
 import struct
 from pathlib import Path
 
@@ -283,7 +284,11 @@ def test_evaluate_logs_its_robustness_tables_as_an_eval_job(offline_wandb, shrun
             "wandb.group=sweep-a"]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         matrix, groups, out = run_evaluate(compose(config_name="evaluate", overrides=over))
-    wb = read_offline_run(out)
+    # wandb's service writes the record log asynchronously; on a loaded machine run.finish() can
+    # return before the first records reach the file (seen once in CI), so wait for them briefly.
+    deadline = time.monotonic() + 30
+    while "run" not in (wb := read_offline_run(out)) and time.monotonic() < deadline:
+        time.sleep(0.5)
     assert (wb["run"].job_type, wb["run"].run_group, wb["run"].display_name) == ("eval", "sweep-a", "eval-wb")
     assert wb["config"]["victims"] == ["digits/standard/small_cnn"]
     tables = {p.name.split("_")[0]: json.loads(p.read_text()) for p in (wb["dir"] / "files" / "media" / "table" / "robustness").glob("*.table.json")}
