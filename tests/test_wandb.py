@@ -68,15 +68,35 @@ def wandb_records(path):
             yield record
 
 
-def read_offline_run(run_dir: Path) -> dict:
-    """The one offline run under ``run_dir/wandb``: its folder, run record, config and history rows."""
+def read_offline_run(run_dir: Path, wait_s: float = 30.0) -> dict:
+    """The one offline run under ``run_dir/wandb``: its folder, run record, config and history rows.
+
+    wandb's service writes the record log asynchronously: on a loaded machine ``run.finish()`` can
+    return before the records reach the file (seen twice in CI), so wait up to ``wait_s`` for them.
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            out = _read_offline_run_once(run_dir)
+        except Exception:  # a record caught half-written; read again
+            if time.monotonic() > deadline:
+                raise
+            out = {}
+        if out.get("finished") or time.monotonic() > deadline:
+            return out
+        time.sleep(0.5)
+
+
+def _read_offline_run_once(run_dir: Path) -> dict:
     folders = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(folders) == 1, folders
     (log,) = folders[0].glob("run-*.wandb")
     out = {"dir": folders[0], "history": [], "config": {}}
     for record in wandb_records(log):
         kind = record.WhichOneof("record_type")
-        if kind == "run":
+        if kind == "exit":  # the last record of a finished run
+            out["finished"] = True
+        elif kind == "run":
             out["run"] = record.run
             out["config"].update({i.key: json.loads(i.value_json) for i in record.run.config.update})
         elif kind == "config":
@@ -284,11 +304,7 @@ def test_evaluate_logs_its_robustness_tables_as_an_eval_job(offline_wandb, shrun
             "wandb.group=sweep-a"]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         matrix, groups, out = run_evaluate(compose(config_name="evaluate", overrides=over))
-    # wandb's service writes the record log asynchronously; on a loaded machine run.finish() can
-    # return before the first records reach the file (seen once in CI), so wait for them briefly.
-    deadline = time.monotonic() + 30
-    while "run" not in (wb := read_offline_run(out)) and time.monotonic() < deadline:
-        time.sleep(0.5)
+    wb = read_offline_run(out)
     assert (wb["run"].job_type, wb["run"].run_group, wb["run"].display_name) == ("eval", "sweep-a", "eval-wb")
     assert wb["config"]["victims"] == ["digits/standard/small_cnn"]
     tables = {p.name.split("_")[0]: json.loads(p.read_text()) for p in (wb["dir"] / "files" / "media" / "table" / "robustness").glob("*.table.json")}
