@@ -94,7 +94,7 @@ def test_a_sweep_folder_selects_its_jobs_runs_and_names_a_crashed_job(shrunk_dem
         (sweep / str(i) / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
     (sweep / "multirun.yaml").write_text("hydra: {}\n")
 
-    from trigact.attack import compose_train
+    from trigact.evaluation.selection import compose_train
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         found = find_runs([str(sweep)], root / "outputs" / "runs", compose_train)

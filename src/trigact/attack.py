@@ -12,49 +12,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import hydra
-from hydra import compose
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from trigact import load_bundle
 from trigact.cli import quiet_libraries, user_errors
-from trigact.evaluation.selection import find_runs, run_label
+from trigact.evaluation.selection import as_dict, select
 from trigact.evaluation.transfer import bank_rows, craft_banks, data_config_of, evaluation_images
 from trigact.runs import register_resolvers
 from trigact.tracking import job_run, log_tables
 from trigact.train import CONF_DIR
 
 register_resolvers()
-
-
-def compose_train(overrides: list[str]):
-    """The train config for a sweep job's overrides (its run folder derives from it)."""
-    return compose(config_name="train", overrides=overrides)
-
-
-def unique_labels(bundles: list[Path]) -> dict[str, object]:
-    """Table name -> deployed model, labels made unique (``... (2)``) when two runs look alike."""
-    models = {}
-    for path in bundles:
-        model = load_bundle(path)
-        label, k = run_label(model.meta), 2
-        while label in models:
-            label, k = f"{run_label(model.meta)} ({k})", k + 1
-        models[label] = model
-    return models
-
-
-def as_dict(node) -> dict:
-    return OmegaConf.to_container(node, resolve=True) if node else {}
-
-
-def plain(cfg: DictConfig, key: str):
-    """``cfg[key]`` as plain Python (a pattern may be given as one string or as a list)."""
-    value = cfg[key]
-    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
-
-
-def select(cfg: DictConfig, key: str) -> dict:
-    return unique_labels(find_runs(plain(cfg, key), cfg.paths.runs_dir, compose_train))
 
 
 def run_attack(cfg: DictConfig) -> list[dict]:

@@ -18,10 +18,9 @@ import hydra
 from omegaconf import DictConfig
 from torch.utils.data import TensorDataset
 
-from trigact.attack import as_dict, compose_train, plain, select, unique_labels
 from trigact.cli import quiet_libraries, user_errors
 from trigact.errors import TrigactError
-from trigact.evaluation.selection import find_runs
+from trigact.evaluation.selection import as_dict, compose_train, find_runs, plain, select, unique_labels
 from trigact.evaluation.transfer import (
     data_config_of, defend, evaluate_victims, load_banks, robustness_tables, victim_record, write_results,
 )

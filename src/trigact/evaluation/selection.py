@@ -20,6 +20,10 @@ from __future__ import annotations
 import glob
 from pathlib import Path
 
+from hydra import compose
+from omegaconf import DictConfig, OmegaConf
+
+from trigact.bundle import load_bundle
 from trigact.errors import TrigactError
 from trigact.runs import in_255ths
 
@@ -129,3 +133,36 @@ def run_label(meta: dict) -> str:
         parts.append(f"s{config['seed']}")
     return " ".join(parts)
 
+
+# ---------------------------------------------- what the attack and evaluate entry points share
+
+
+def compose_train(overrides: list[str]):
+    """The train config for a sweep job's overrides (its run folder derives from it)."""
+    return compose(config_name="train", overrides=overrides)
+
+
+def unique_labels(bundles: list[Path]) -> dict[str, object]:
+    """Table name -> deployed model, labels made unique (``... (2)``) when two runs look alike."""
+    models = {}
+    for path in bundles:
+        model = load_bundle(path)
+        label, k = run_label(model.meta), 2
+        while label in models:
+            label, k = f"{run_label(model.meta)} ({k})", k + 1
+        models[label] = model
+    return models
+
+
+def as_dict(node) -> dict:
+    return OmegaConf.to_container(node, resolve=True) if node else {}
+
+
+def plain(cfg: DictConfig, key: str):
+    """``cfg[key]`` as plain Python (a pattern may be given as one string or as a list)."""
+    value = cfg[key]
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+def select(cfg: DictConfig, key: str) -> dict:
+    return unique_labels(find_runs(plain(cfg, key), cfg.paths.runs_dir, compose_train))
