@@ -196,6 +196,19 @@ def test_nrp_shape_and_weights_round_trip(arch, tmp_path):
     assert any(key.startswith(f"{trunk}.0.") for key in purifier.net.state_dict())
 
 
+def test_nrp_dynamic_given_as_a_string_means_what_it_says():
+    # A quoted override (defense.dynamic="false") arrives as a string; it must not switch the noise on.
+    x = images(n=2, c=3, size=16)
+    static = build_defense("nrp", arch="nrp_resg", **TINY_NRP)
+    off = build_defense("nrp", arch="nrp_resg", dynamic="false", **TINY_NRP)
+    on = build_defense("nrp", arch="nrp_resg", dynamic="true", **TINY_NRP)
+    off.net.load_state_dict(static.net.state_dict())
+    on.net.load_state_dict(static.net.state_dict())
+    assert off.dynamic is False and on.dynamic is True
+    assert torch.equal(off(x), static(x))
+    assert not torch.equal(on(x), static(x))
+
+
 def test_nrp_weights_errors(tmp_path):
     assert_one_line_error("needs weights=", build_defense, "nrp")
     assert_one_line_error("needs weights=", build_defense_from_config, {"name": "nrp", "weights": "???"})

@@ -148,7 +148,8 @@ class NRPPurifier(SeededDefense):
         check_int("nrp", "gc", gc, 1)
         check_int("nrp", "in_chans", in_chans, 1)
         if not isinstance(dynamic, bool):
-            check_choice("nrp", "dynamic", dynamic, ("true", "false"))
+            # A quoted command-line override arrives as a string; "false" must not count as true.
+            dynamic = check_choice("nrp", "dynamic", dynamic, ("true", "false")) == "true"
         has_weights = weights_given("nrp", weights, allow_random_init, "path to NRP.pth or NRP_resG.pth")
         super().__init__(
             seed=seed, weights=None if not has_weights else str(weights), arch=arch, nf=nf, nb=nb,
