@@ -145,6 +145,34 @@ def test_bad_update_options(kwargs):
         TriggerUpdateCallback(**kwargs)
 
 
+@pytest.mark.parametrize(
+    "value,expected",
+    [("abc", "update_fraction='abc' is not a number; expected one in [0, 1]"),
+     (None, "update_fraction=None is not a number; expected one in [0, 1]"),
+     (float("nan"), "update_fraction=nan is not a number"),
+     (float("inf"), "update_fraction=inf must be in [0, 1]")],
+)
+def test_update_fraction_must_be_a_number_in_range(value, expected):
+    with pytest.raises(TrigactError) as err:
+        TriggerUpdateCallback(update_fraction=value)
+    assert f"trigger.update.{expected}" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "value,expected",
+    [("abc", "kl_weight='abc' is not a number; expected one in [0, inf)"),
+     (float("nan"), "kl_weight=nan is not a number"),
+     (float("inf"), "kl_weight=inf must be in [0, inf)"),
+     (-0.5, "kl_weight=-0.5 must be in [0, inf)")],
+)
+def test_kl_weight_must_be_a_finite_number_at_least_zero(value, expected):
+    net = build_model("mlp", 10, 1, 8, (0.5,), (0.5,))
+    with pytest.raises(TrigactError) as err:
+        TriggerActivationModule(net=net, trigger=learnable_trigger((1, 8, 8), ALPHA), optimizer=torch.optim.SGD,
+                                kl_weight=value)
+    assert f"method.module.{expected}" in str(err.value) and "\n" not in str(err.value)
+
+
 def test_fused_eval_copy_gives_the_same_gradient_and_leaves_the_net_alone(digits8):
     from trigact.callbacks.trigger_update import eval_copy_with_fused_batchnorm
 

@@ -42,6 +42,7 @@ from torch import nn
 from torch.fx.experimental.optimization import fuse as fuse_conv_bn
 
 from trigact.errors import TrigactError, unknown_name
+from trigact.methods.adversarial import check_range
 
 SOURCES = ("epoch", "train_step")
 MODES = ("eval", "train")
@@ -53,9 +54,7 @@ class TriggerUpdateCallback(L.Callback):
             raise unknown_name("trigger.update.source", source, SOURCES)
         if mode not in MODES:
             raise unknown_name("trigger.update.mode", mode, MODES)
-        if not 0.0 <= update_fraction <= 1.0:
-            raise TrigactError(f"trigger.update.update_fraction={update_fraction} must be in [0, 1]")
-        self.update_fraction = float(update_fraction)
+        self.update_fraction = check_range(update_fraction, "trigger.update.update_fraction", 0.0, 1.0)
         self.source = source
         self.mode = mode
         self.grad_sum: torch.Tensor | None = None  # train_step source: running sum of this epoch

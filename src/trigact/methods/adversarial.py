@@ -45,14 +45,15 @@ def check_steps(value, name: str) -> int:
 
 
 def check_range(value, name: str, low: float, high: float = math.inf, *, low_open: bool = False) -> float:
-    """A real number in [low, high] (or (low, high] with ``low_open``)."""
+    """A finite real number in [low, high] (or (low, high] with ``low_open``); NaN and inf are refused."""
+    left = "(" if low_open else "["
+    right = "]" if math.isfinite(high) else ")"
+    allowed = f"{left}{low:g}, {high:g}{right}"
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        raise TrigactError(f"{name}={value!r} is not a number")
+        raise TrigactError(f"{name}={value!r} is not a number; expected one in {allowed}")
     value = float(value)
-    if value < low or (low_open and value == low) or value > high:
-        left = "(" if low_open else "["
-        right = "]" if math.isfinite(high) else ")"
-        raise TrigactError(f"{name}={value!r} must be in {left}{low:g}, {high:g}{right}")
+    if not math.isfinite(value) or value < low or (low_open and value == low) or value > high:
+        raise TrigactError(f"{name}={value!r} must be in {allowed}")
     return value
 
 

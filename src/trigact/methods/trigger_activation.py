@@ -12,6 +12,7 @@ import torch
 
 from trigact.errors import TrigactError, unknown_name
 from trigact.losses import KL_DIRECTIONS, trigger_activation_loss
+from trigact.methods.adversarial import check_range
 from trigact.methods.base import ClassifierModule
 
 
@@ -24,9 +25,7 @@ class TriggerActivationModule(ClassifierModule):
             raise TrigactError("method=trigger_activation needs a trigger; use trigger=fixed or trigger=learnable")
         if kl_direction not in KL_DIRECTIONS:
             raise unknown_name("method.module.kl_direction", kl_direction, KL_DIRECTIONS)
-        if kl_weight < 0:
-            raise TrigactError(f"method.module.kl_weight={kl_weight} must be >= 0")
-        self.kl_weight = float(kl_weight)
+        self.kl_weight = check_range(kl_weight, "method.module.kl_weight", 0.0)
         self.kl_direction = kl_direction
         # Set by TriggerUpdateCallback(source='train_step'): make tau a leaf that receives a gradient
         # from this step's backward pass, at the cost of one extra input-gradient per step.
