@@ -10,6 +10,7 @@ import gzip
 import os
 import pickle
 from pathlib import Path
+from urllib.error import URLError
 
 import lightning as L
 import numpy as np
@@ -260,6 +261,28 @@ def test_fashion_missing_data_says_how_to_get_it(tmp_path):
     assert_one_line_error(excinfo, "dataset-fashion-mnist", "data.download=true", "data.root", "nowhere")
 
 
+def _no_network(*args, **kwargs):
+    raise URLError("no network")
+
+
+def _read_only(*args, **kwargs):
+    raise PermissionError(13, "Permission denied", "/read-only")
+
+
+@pytest.mark.parametrize("failure", [_no_network, _read_only], ids=["no-network", "read-only-root"])
+def test_fashion_failed_download_says_to_place_the_files(tmp_path, monkeypatch, failure):
+    import torchvision.datasets.mnist as tv_mnist
+
+    if failure is _no_network:  # every mirror fails; torchvision then raises a multi-line RuntimeError
+        monkeypatch.setattr(tv_mnist, "download_and_extract_archive", failure)
+    else:  # os.makedirs of the raw folder fails
+        monkeypatch.setattr(tv_mnist.FashionMNIST, "download", failure)
+    with pytest.raises(TrigactError) as excinfo:
+        FashionMNISTDataModule(root=str(tmp_path / "fm"), download=True).setup()
+    assert_one_line_error(excinfo, "Fashion-MNIST", f"data.root={str(tmp_path / 'fm')!r}", "manually",
+                          "train-images-idx3-ubyte")
+
+
 @pytest.mark.parametrize("damage", ["bad_magic", "truncated_raw", "truncated_gzip", "count_mismatch"])
 def test_fashion_corrupt_file_is_named(tmp_path, damage):
     gz = damage == "truncated_gzip"
@@ -365,6 +388,18 @@ def test_cifar_missing_data_says_how_to_get_it(tmp_path, module):
     assert_one_line_error(excinfo, str(tmp_path / "empty"), "data.download=true", "data.root")
 
 
+@pytest.mark.parametrize("failure", [_no_network, _read_only], ids=["no-network", "read-only-root"])
+@pytest.mark.parametrize("module", [CIFAR10DataModule, CIFAR100DataModule], ids=["cifar10", "cifar100"])
+def test_cifar_failed_download_says_to_place_the_files(tmp_path, monkeypatch, module, failure):
+    import torchvision.datasets.cifar as tv_cifar
+
+    monkeypatch.setattr(tv_cifar, "download_and_extract_archive", failure)
+    with pytest.raises(TrigactError) as excinfo:
+        module(root=str(tmp_path / "c"), download=True).setup()
+    assert_one_line_error(excinfo, module.dataset_cls.__name__.replace("CIFAR", "CIFAR-"),
+                          f"data.root={str(tmp_path / 'c')!r}", "manually", module.dataset_cls.filename)
+
+
 # ---------------------------------------------------------------- imagenet subset
 
 
@@ -408,6 +443,19 @@ def test_imagenet_subset_errors(tmp_path):
     with pytest.raises(TrigactError) as excinfo:
         ImageNetSubsetDataModule(root=str(tmp_path), num_classes=0)
     assert_one_line_error(excinfo, "data.num_classes")
+
+
+def test_imagenet_subset_without_class_folders_or_images_names_the_layout(tmp_path):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "val").mkdir()
+    with pytest.raises(TrigactError) as excinfo:
+        ImageNetSubsetDataModule(root=str(tmp_path), num_classes=2).setup()
+    assert_one_line_error(excinfo, f"data.root={str(tmp_path)!r}", "no class folders", "<root>/train/<class>/")
+    (tmp_path / "train" / "a").mkdir()
+    (tmp_path / "train" / "b").mkdir()
+    with pytest.raises(TrigactError) as excinfo:
+        ImageNetSubsetDataModule(root=str(tmp_path), num_classes=2).setup()
+    assert_one_line_error(excinfo, f"data.root={str(tmp_path)!r}", "hold no images", "a, b", "<root>/val/<class>/")
 
 
 # ---------------------------------------------------------------- registry and configs

@@ -36,6 +36,15 @@ def check_positive_int(key: str, value) -> int:
     return value
 
 
+def download_error(title: str, root, expected: str, err: BaseException) -> TrigactError:
+    """The one-line error for a failed ``data.download=true`` (no network, read-only root, bad checksum)."""
+    reason = " ".join(str(err).split())[:200] or type(err).__name__
+    return TrigactError(
+        f"{title}: download into data.root={str(root)!r} failed ({type(err).__name__}: {reason}); "
+        f"place {expected} there manually and set data.download=false, or point data.root=... at a copy"
+    )
+
+
 class EpochSeededSampler(DistributedSampler):
     """A DistributedSampler whose `set_epoch` also reseeds the DataLoader's generator from (seed, epoch).
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from torchvision import transforms
 from torchvision.datasets import CIFAR10, CIFAR100
 
-from trigact.data.base import DatasetSplits, TrigactDataModule
+from trigact.data.base import DatasetSplits, TrigactDataModule, download_error
 from trigact.data.views import TransformedDataset
 from trigact.errors import TrigactError
 
@@ -36,10 +36,16 @@ class CIFARDataModule(TrigactDataModule):
             self._open(train=False)
 
     def _open(self, train: bool) -> CIFAR10:
+        folder = self.dataset_cls.base_folder
         try:
             return self.dataset_cls(str(self.root), train=train, download=self.download)
-        except RuntimeError as err:  # torchvision's "Dataset not found or corrupted" (md5 mismatch included)
-            folder = self.dataset_cls.base_folder
+        except (RuntimeError, OSError) as err:
+            if self.download:  # no network (URLError), a read-only root (PermissionError), a bad checksum
+                expected = f"{self.dataset_cls.filename} or its extracted folder {folder}/"
+                raise download_error(self.title, self.root, expected, err) from err
+            if not isinstance(err, RuntimeError):
+                raise
+            # torchvision's "Dataset not found or corrupted" (md5 mismatch included)
             raise TrigactError(
                 f"{self.title} not found or corrupted: no valid {str(self.root / folder)!r}; "
                 f"set data.download=true to fetch it, or data.root=... to the directory that holds {folder}"

@@ -9,7 +9,7 @@ from torch.utils.data import TensorDataset
 from torchvision import transforms
 from torchvision.datasets import FashionMNIST
 
-from trigact.data.base import DatasetSplits, TrigactDataModule, check_positive_int
+from trigact.data.base import DatasetSplits, TrigactDataModule, check_positive_int, download_error
 from trigact.data.idx import read_idx_ubyte
 from trigact.data.views import TransformedDataset
 from trigact.errors import TrigactError
@@ -66,7 +66,11 @@ class FashionMNISTDataModule(TrigactDataModule):
     def prepare_data(self) -> None:
         """Download through torchvision, only if asked to and the files are missing (rank 0 only)."""
         if self.download and self._find_files() is None:
-            FashionMNIST(str(self.root), train=True, download=True)
+            try:
+                FashionMNIST(str(self.root), train=True, download=True)
+            except (RuntimeError, OSError) as err:  # all mirrors failed; URLError, PermissionError, ...
+                names = ", ".join(f"{name}[.gz]" for name in [*IMAGE_FILES.values(), *LABEL_FILES.values()])
+                raise download_error("Fashion-MNIST", self.root, f"the IDX files {names}", err) from err
 
     def _missing_error(self) -> TrigactError:
         if self.root.is_dir():

@@ -60,7 +60,17 @@ class ImageNetSubsetDataModule(TrigactDataModule):
                 f"ImageNet subset: {str(directory)!r} is not a directory; point data.root=... at a folder "
                 "with train/<class>/ and val/<class>/ image folders"
             )
-        return FirstClassesImageFolder(directory, self.num_classes)
+        try:
+            return FirstClassesImageFolder(directory, self.num_classes)
+        except FileNotFoundError as err:  # torchvision: no class folder, or a chosen class without images
+            if not any(entry.is_dir() for entry in directory.iterdir()):
+                problem = f"{str(directory)!r} has no class folders"
+            else:
+                problem = f"class folders in {str(directory)!r} hold no images ({str(err).split('. Supported')[0]})"
+            raise TrigactError(
+                f"ImageNet subset under data.root={str(self.root)!r}: {problem}; expected "
+                "<root>/train/<class>/*.JPEG and <root>/val/<class>/*.JPEG (.jpg, .png, ... images)"
+            ) from None
 
     def build_splits(self) -> DatasetSplits:
         train_base, val_base = self._folder("train"), self._folder("val")
