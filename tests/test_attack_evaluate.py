@@ -5,6 +5,7 @@ and must agree with it cell for cell, and find the same banks instead of craftin
 """
 
 import csv
+import json
 import shutil
 import subprocess
 import sys
@@ -71,6 +72,28 @@ def test_find_runs_errors_name_the_pattern(shrunk_demo, tmp_path):
         find_runs([str(tmp_path / "notes.txt")], root / "outputs" / "runs")
     with pytest.raises(TrigactError, match="no runs given"):
         find_runs([], root / "outputs" / "runs")
+
+
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [({"steps": "abc"}, "attack_overrides.steps='abc' must be an integer >= 1"),
+     ({"steps": 2.5}, "attack_overrides.steps=2.5 must be an integer >= 1"),
+     ({"steps": 0}, "attack_overrides.steps=0 must be an integer >= 1"),
+     ({"eps": "-8/255"}, "attack_overrides.eps='-8/255' must be >= 0"),
+     ({"eps": "abc"}, "attack_overrides.eps='abc' is not a number")],
+)
+def test_attack_overrides_are_checked_before_use(tmp_path, overrides, expected):
+    from types import SimpleNamespace
+
+    from trigact.evaluation.transfer import attack_config, load_banks
+
+    surrogate = SimpleNamespace(meta={"path": str(tmp_path / "bundle.pt")})
+    for call in (lambda: attack_config(CONF_DIR, "pgd", overrides),
+                 lambda: load_banks(tmp_path, "digits", {"s": surrogate}, ["pgd"], CONF_DIR, overrides)):
+        with pytest.raises(TrigactError) as err:
+            call()
+        assert expected in str(err.value) and "\n" not in str(err.value)
+    assert attack_config(CONF_DIR, "pgd", {"steps": 3, "eps": "32/255"})["steps"] == 3
 
 
 def test_run_labels_say_model_and_trigger():
@@ -154,6 +177,23 @@ def test_evaluate_agrees_with_the_pipeline_cell_for_cell(shrunk_demo, tmp_path):
         assert acc == theirs[(pipeline_names[v], pipeline_names[s], a)]
     table = (out / "table.md").read_text()
     assert table.startswith("| | small_cnn standard s0 | small_cnn fixed eps 32/255 s0 |")
+
+
+def test_evaluate_with_a_defense_names_it_in_every_column_and_applies_it(shrunk_demo, tmp_path):
+    from trigact.evaluate import run_evaluate
+
+    root = registry_copy(shrunk_demo, tmp_path)
+    victims = "[digits/standard/small_cnn]"
+    base = [f"surrogates={SURROGATES}", f"victims={victims}", *COMMON]
+    bare, _, _ = run_entry("evaluate", root, [*base, "name=bare"], run_evaluate)
+    matrix, groups, out = run_entry("evaluate", root, [*base, "name=bdr", "defense=bdr_d2",
+                                                       "defense.bits=1"], run_evaluate)
+    column = "small_cnn standard s0 + BDR (d=2)"
+    assert list(groups) == [column]
+    assert (out / "table.md").read_text().startswith(f"| | {column} |")
+    assert matrix.clean[column] != bare.clean["small_cnn standard s0"]  # the defense did run (1 bit)
+    records = json.loads((out / "victims.json").read_text())
+    assert records[0]["defense"] == "BDR (d=2)"
 
 
 def test_evaluate_groups_average_their_runs(shrunk_demo, tmp_path):

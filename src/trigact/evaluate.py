@@ -56,12 +56,13 @@ def run_evaluate(cfg: DictConfig):
 
     victims, runs, records, groups = {}, {}, [], {}
     for group, members in columns.items():
-        groups[group] = []
+        column = f"{group} + {tag}" if tag else group  # the table says which defense stood in front
+        groups[column] = []
         for label, model in members.items():
-            name = label if len(members) == 1 and label == group else f"{group} / {label}"
+            name = column if len(members) == 1 and label == group else f"{column} / {label}"
             victims[name], runs[name] = defend(model, defense), model.meta.get("path")
-            records.append(victim_record(name, group, model, tag))
-            groups[group].append(name)
+            records.append(victim_record(name, column, model, tag))
+            groups[column].append(name)
     matrix = evaluate_victims(victims, surrogates, banks, TensorDataset(first.x_clean, first.y),
                               allow_whitebox=bool(cfg.allow_whitebox), batch_size=int(cfg.batch_size), victim_runs=runs)
     out = write_results(matrix, groups, records, cfg.results_dir)

@@ -17,9 +17,11 @@ from torch.utils.data import DataLoader, Subset
 
 from trigact.attacks import attack_from_config
 from trigact.bundle import DeployedModel
+from trigact.epsilon import parse_eps
 from trigact.errors import TrigactError, unknown_name
 from trigact.evaluation.bank import Bank, ensure_bank
 from trigact.evaluation.matrix import RobustnessMatrix, evaluate_matrix
+from trigact.methods.adversarial import check_steps
 
 
 def attack_config(conf_dir, name: str, overrides: Mapping | None = None) -> dict:
@@ -29,7 +31,14 @@ def attack_config(conf_dir, name: str, overrides: Mapping | None = None) -> dict
         known = [p.stem for p in (Path(conf_dir) / "attack").glob("*.yaml")]
         raise unknown_name("attack", name, known)
     cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    cfg.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    cfg.update(overrides)
+    # Checked here, before any int()/float() of them: steps=2.5 must not silently become 2.
+    where = {key: f"attack_overrides.{key}" if key in overrides else f"{key} in {path}" for key in ("eps", "steps")}
+    if "eps" in cfg:
+        parse_eps(cfg["eps"], where["eps"])
+    if "steps" in cfg:
+        check_steps(cfg["steps"], where["steps"])
     return cfg
 
 
@@ -59,7 +68,7 @@ def craft_banks(
             loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
             banks[(surrogate_name, attack_name)] = ensure_bank(
                 root, dataset_name, bank_id(model), model.meta.get("path"), model, attack_name, attack,
-                attack.config, cfg["eps"], int(cfg["steps"]), loader, progress=progress,
+                attack.config, cfg["eps"], cfg["steps"], loader, progress=progress,
             )
     return banks
 
@@ -148,7 +157,7 @@ def load_banks(root, dataset_name: str, surrogates: Mapping[str, DeployedModel],
     for surrogate_name, model in surrogates.items():
         for attack_name in attacks:
             cfg = attack_config(conf_dir, attack_name, overrides)
-            path = bank_dir(root, dataset_name, bank_id(model), attack_name, cfg["eps"], int(cfg["steps"]))
+            path = bank_dir(root, dataset_name, bank_id(model), attack_name, cfg["eps"], cfg["steps"])
             if not (path / "meta.json").is_file():
                 raise TrigactError(
                     f"no TAE bank for surrogate {surrogate_name} and attack {attack_name} at {path}: "
@@ -175,8 +184,6 @@ def check_same_images(banks: Mapping[tuple[str, str], Bank]) -> None:
 
 def victim_record(name: str, group: str, model: DeployedModel, defense: str | None = None) -> dict:
     """What ``victims.json`` keeps of a victim: enough for analysis plots (trigger kind, eps_t, alpha)."""
-    from trigact.epsilon import parse_eps
-
     config = model.meta.get("config") or {}
     trigger = config.get("trigger") or {}
     record = {
