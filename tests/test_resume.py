@@ -17,6 +17,7 @@ import torch
 from helpers_hydra import QUIET, SimulatedPreemption, compose_config
 from trigact import load_bundle
 from trigact.callbacks.rng_state import collect_rng_state, restore_rng_state
+from trigact.errors import TrigactError
 from trigact.train import train
 
 CRASH = ["+callbacks.crash._target_=helpers_hydra.CrashAtEpochStart", "+callbacks.crash.epoch=2"]
@@ -120,3 +121,16 @@ def test_resuming_a_finished_run_does_nothing_and_says_so(tmp_path, capsys):
     assert out.strip().splitlines() == [f"already finished, not retrained; nothing to resume: {run_dir}/bundle.pt"]
     assert again["skipped"] and again["test_acc_trigger"] == summary["test_acc_trigger"]
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "outputs").rglob("*") if p.is_file()} == files
+
+
+def test_resuming_from_a_checkpoint_of_another_model_is_a_one_line_error(tmp_path):
+    """A readable checkpoint whose weights do not fit the module is refused before Trainer.fit,
+    instead of failing deep inside Lightning's load_state_dict."""
+    tiny = ["data=digits", "data.image_size=8", "method=standard", "debug=limit", "trainer.max_epochs=1"] + QUIET
+    train(compose_config("train", tiny + ["model=mlp"], tmp_path / "mlp"))
+    (checkpoint,) = (tmp_path / "mlp" / "outputs").glob("runs/**/checkpoints/last.ckpt")
+
+    with pytest.raises(TrigactError) as err:
+        train(compose_config("train", tiny + ["model=small_cnn", f"ckpt_path={checkpoint}"], tmp_path / "cnn"))
+    message = str(err.value)
+    assert f"checkpoint {checkpoint} was saved from a different model/config" in message and "\n" not in message

@@ -90,11 +90,12 @@ def newest_checkpoint(run_dir: Path) -> Path:
     return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else last
 
 
-def resolve_checkpoint(ckpt_path, run_dir: Path) -> str | None:
+def resolve_checkpoint(ckpt_path, run_dir: Path, module: L.LightningModule | None = None) -> str | None:
     """Check the checkpoint to resume from before Lightning does, for a one-line error.
 
     ``last`` means the newest of ``<run_dir>/checkpoints/last.ckpt`` and SLURM ``hpc_ckpt_*.ckpt`` and starts from scratch when there is none
-    yet (a first launch under a requeueing scheduler); an explicit path must exist. Either must load.
+    yet (a first launch under a requeueing scheduler); an explicit path must exist. Either must load,
+    and with ``module`` its weights must fit that module (:func:`check_checkpoint_fits`).
     """
     if ckpt_path is None:
         return None
@@ -105,12 +106,44 @@ def resolve_checkpoint(ckpt_path, run_dir: Path) -> str | None:
             return None
         raise TrigactError(f"ckpt_path={ckpt_path!r}: no such file (use a .ckpt path or ckpt_path=last)")
     try:
-        torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as err:  # noqa: BLE001 -- any failure to read it is the same user-facing problem
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
         raise TrigactError(f"checkpoint {path} is unreadable (corrupt or truncated: {first}); "
                            "pass another ckpt_path (e.g. an epochNNN.ckpt beside it)") from None
+    if module is not None:
+        check_checkpoint_fits(checkpoint, module, path)
     return str(path)
+
+
+def check_checkpoint_fits(checkpoint, module: L.LightningModule, path) -> None:
+    """Refuse a checkpoint whose ``state_dict`` keys or shapes differ from ``module``'s.
+
+    Lightning would otherwise fail deep inside ``Trainer.fit`` with a state_dict-mismatch traceback.
+    Only names and shapes are compared: the checkpoint is memory-mapped, so no weights are read.
+    """
+    saved = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+    if not isinstance(saved, dict):
+        raise TrigactError(f"checkpoint {path} holds no state_dict: not a Lightning checkpoint of a trigact run; "
+                           "pass another ckpt_path")
+    expected = module.state_dict()
+    missing = sorted(expected.keys() - saved.keys())
+    unexpected = sorted(saved.keys() - expected.keys())
+    resized = sorted(
+        key for key in expected.keys() & saved.keys()
+        if tuple(getattr(saved[key], "shape", ())) != tuple(expected[key].shape)
+    )
+    if not (missing or unexpected or resized):
+        return
+    problems = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("other shape", resized)):
+        if keys:
+            more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
+            problems.append(f"{label}: {', '.join(keys[:3])}{more}")
+    raise TrigactError(
+        f"checkpoint {path} was saved from a different model/config ({'; '.join(problems)}); "
+        "resume with the model, data and trigger settings it was trained with, or pass another ckpt_path"
+    )
 
 
 def final_metrics(test_results: dict, uses_trigger: bool) -> dict:
@@ -160,7 +193,7 @@ def _train_attempt(cfg: DictConfig, run_dir: Path, bundle_path: Path, attempt) -
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)
     module = build_run(cfg, datamodule)
-    ckpt_path = resolve_checkpoint(ckpt_request, run_dir)  # before a W&B run is started
+    ckpt_path = resolve_checkpoint(ckpt_request, run_dir, module)  # before a W&B run is started
     callbacks = build_callbacks(cfg)
     loggers = build_loggers(cfg)
     failed = True
