@@ -312,3 +312,23 @@ def test_a_dictconfig_with_nested_settings_builds_like_a_plain_dict():
     defense = build_defense_from_config(cfg)
     x = torch.rand(1, 1, 16, 16)
     assert defense(x).shape == x.shape
+
+
+def test_a_randomized_defense_gives_each_matrix_cell_the_same_draws_whatever_comes_before():
+    from types import SimpleNamespace
+
+    from trigact.evaluation.matrix import evaluate_matrix
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(1 * 16 * 16, 10))
+    victim = defended(model, build_defense("randomization", scale=1.5, seed=0))
+    x = images(n=64, c=1, size=16)
+    y = model(x).argmax(dim=1)  # labels the bare model gets right: the defense's draws decide the cells
+    bank_a = SimpleNamespace(x_adv=x, y=y)
+    bank_b = SimpleNamespace(x_adv=x.flip(-1), y=y)
+    alone = evaluate_matrix({"v": victim}, {("s", "b"): bank_b}, batch_size=16).cells[0]["accuracy"]
+    after = evaluate_matrix({"v": victim}, {("s", "a"): bank_a, ("s", "b"): bank_b}, batch_size=16)
+    assert after.cells[1]["accuracy"] == alone
+    # The same images as two banks get the same draws, hence the same accuracy (paired cells).
+    twice = evaluate_matrix({"v": victim}, {("s", "a"): bank_a, ("t", "a"): bank_a}, batch_size=16)
+    assert twice.cells[0]["accuracy"] == twice.cells[1]["accuracy"]

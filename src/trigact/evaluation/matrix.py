@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from trigact.defenses.base import SeededDefense
 from trigact.errors import TrigactError
 from trigact.io import atomic_save_figure, atomic_write_text
 
@@ -69,6 +70,18 @@ def accuracy(model: nn.Module, batches: Iterable) -> float:
     if total == 0:
         raise TrigactError("accuracy of an empty set of images: the batches held no (x, y) pairs")
     return correct / total
+
+
+def restart_randomness(model: nn.Module) -> None:
+    """Restart the random stream of every randomized defense (R&P, DiffPure, dynamic NRP) in ``model``.
+
+    Called before each set of images, so every cell of the matrix sees the same draws whatever else is
+    evaluated before it: a cell does not change when an attack is added or the banks are reordered, and
+    the cells of one victim are paired across attacks.
+    """
+    for module in model.modules():
+        if isinstance(module, SeededDefense):
+            module.reseed()
 
 
 def bank_batches(bank: Any, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -293,8 +306,10 @@ def evaluate_matrix(
     clean = _clean_source(clean_batches)
     for v_name, model in victims.items():
         if clean is not None:
+            restart_randomness(model)
             result.clean[v_name] = accuracy(model, clean())
         for (s_name, attack), bank in banks.items():
+            restart_randomness(model)
             correct, n = count_correct(model, bank_batches(bank, batch_size))
             if n == 0:
                 raise TrigactError(f"bank ({s_name}, {attack}) holds no images")
