@@ -68,3 +68,20 @@ def test_analysis_of_the_demo_pipeline_results(shrunk_demo, tmp_path):
     assert lines[0].endswith("| pgd | mifgsm |")  # the pipeline's attack order
     assert lines[2].startswith("| standard (no trigger) | 1 |") and lines[3].startswith("| 16 | 1 |")
     assert figure.is_file()
+
+
+def test_a_required_value_left_unset_is_a_one_line_cli_error(capsys):
+    # `results: ???` in conf/analysis.yaml: OmegaConf's MissingMandatoryValue, not a traceback.
+    from hydra import compose, initialize_config_dir
+
+    from trigact.analysis.__main__ import run_analysis
+    from trigact.cli import user_errors
+    from trigact.train import CONF_DIR
+
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        cfg = compose("analysis")
+    with pytest.raises(SystemExit) as exit_info, user_errors():
+        run_analysis(cfg)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        "trigact: error: results is required and was not given; set it on the command line (results=...)")

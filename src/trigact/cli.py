@@ -7,21 +7,27 @@ import logging
 import sys
 import warnings
 
+from omegaconf.errors import MissingMandatoryValue
+
 from trigact.errors import TrigactError
 
 
 @contextlib.contextmanager
 def user_errors():
-    """Turn a :class:`TrigactError` into ``trigact: error: <message>`` and exit status 2."""
+    """Turn a :class:`TrigactError` (or a mandatory ``???`` config value left unset) into
+    ``trigact: error: <message>`` and exit status 2."""
     try:
         yield
     except Exception as err:  # noqa: BLE001 -- re-raised unless a TrigactError is behind it
         # Hydra's instantiate wraps a constructor's exception in InstantiationException.
         cause = err
-        while cause is not None and not isinstance(cause, TrigactError):
+        while cause is not None and not isinstance(cause, (TrigactError, MissingMandatoryValue)):
             cause = cause.__cause__
         if cause is None:
             raise
+        if isinstance(cause, MissingMandatoryValue):  # a `???` in conf/ nobody set on the command line
+            key = cause.full_key or str(cause).splitlines()[0]
+            cause = f"{key} is required and was not given; set it on the command line ({key}=...)"
         print(f"trigact: error: {cause}", file=sys.stderr)
         sys.exit(2)
 
