@@ -7,7 +7,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from trigact.pipeline import run_overrides, victim_groups
+from trigact.pipeline import check_evaluation_plan, run_overrides, victim_groups
 from trigact.train import CONF_DIR
 
 PIPELINE_EXPERIMENTS = sorted(
@@ -25,13 +25,7 @@ def test_experiment_composes_with_all_its_runs(name, tmp_path):
         cfg = compose(config_name="pipeline", overrides=[f"paths.root_dir={tmp_path}", f"experiment={name}"])
         runs = {r: compose(config_name="train", overrides=run_overrides(cfg, r)) for r in cfg.pipeline.runs}
     assert len({c.paths.run_dir for c in runs.values()}) == len(runs)  # no two runs share a folder
-    named = list(cfg.pipeline.surrogates) + [r for g in victim_groups(cfg).values() for r in g["runs"]]
-    assert set(named) <= set(runs)
-    for attack in cfg.pipeline.attacks:
-        assert (Path(CONF_DIR) / "attack" / f"{attack}.yaml").is_file()
-    for group in victim_groups(cfg).values():
-        if group["defense"]:
-            assert (Path(CONF_DIR) / "defense" / f"{group['defense']}.yaml").is_file()
+    check_evaluation_plan(cfg)  # surrogates and victims are runs; attacks and defenses exist and build
     data = {OmegaConf.select(c, "data.name") for c in runs.values()}
     assert len(data) == 1  # one data set per experiment: the banks are shared
 
@@ -46,3 +40,30 @@ def test_the_fashion_mnist_experiments_share_runs(tmp_path):
     sweep, preprocessing, defenses = (run_dirs(n) for n in ("fmnist_eps_sweep", "fmnist_preprocessing", "fmnist_defenses"))
     for name, run_dir in preprocessing.items():
         assert sweep[name] == run_dir and defenses[name] == run_dir
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["pipeline.attacks=[pgd,pgdd]"], "unknown attack 'pgdd'"),
+    (["pipeline.surrogates=[]"], "pipeline.surrogates is empty"),
+    (["+pipeline.victims.A=[standard,nope]"], "unknown pipeline run 'nope'"),
+    (["pipeline.attack_overrides.steps=2.5"], "attack_overrides.steps=2.5"),
+    (["defense=nrp"], "needs weights="),
+])
+def test_a_bad_evaluation_plan_fails_before_any_training(overrides, message, tmp_path):
+    from trigact.errors import TrigactError
+    from trigact.pipeline import run_pipeline
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="pipeline", overrides=[f"paths.root_dir={tmp_path}", "experiment=demo", *overrides])
+        with pytest.raises(TrigactError, match=message.replace("(", r"\(").replace(".", r"\.")) as error:
+            run_pipeline(cfg)
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "outputs" / "runs").exists()  # nothing was trained
+
+
+def test_a_plain_list_of_victims_gives_one_column_per_run(tmp_path):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="pipeline", overrides=[f"paths.root_dir={tmp_path}", "experiment=demo"])
+    OmegaConf.update(cfg, "pipeline.victims", ["standard", "fixed_eps32"], merge=False)  # e.g. in a user's file
+    assert victim_groups(cfg) == {"standard": {"runs": ["standard"], "defense": None},
+                                  "fixed_eps32": {"runs": ["fixed_eps32"], "defense": None}}

@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import hydra
+import torch
 from hydra import compose
 from omegaconf import DictConfig, OmegaConf
 
@@ -20,7 +21,7 @@ from trigact import load_bundle
 from trigact.cli import quiet_libraries, user_errors
 from trigact.errors import TrigactError, unknown_name
 from trigact.evaluation.transfer import (
-    bank_rows, craft_banks, defend, defense_config, evaluate_victims, evaluation_subset, robustness_tables, victim_record,
+    attack_config, bank_rows, craft_banks, defend, defense_config, evaluate_victims, evaluation_subset, robustness_tables, victim_record,
     write_results,
 )
 from trigact.tracking import job_run, log_tables
@@ -60,6 +61,8 @@ def quote(value) -> str:
 def run_pipeline(cfg: DictConfig) -> list[dict]:
     if not cfg.get("pipeline") or not cfg.pipeline.get("runs"):
         raise TrigactError("no runs to do: choose an experiment, e.g. experiment=demo (see conf/experiment/)")
+    if cfg.pipeline.get("attacks"):
+        check_evaluation_plan(cfg)  # before hours of training, not after
     rows, train_cfgs = [], {}
     for name in cfg.pipeline.runs:
         train_cfgs[name] = compose(config_name="train", overrides=run_overrides(cfg, name))
@@ -83,7 +86,12 @@ def victim_groups(cfg: DictConfig) -> dict[str, dict]:
     put in front of each of its victims; ``defense=`` on the command line applies to every group
     that names none.
     """
+    if not cfg.pipeline.get("victims"):
+        raise TrigactError("pipeline.victims is empty: name the runs to evaluate, e.g. "
+                           "pipeline.victims={'No defense':[standard]}")
     groups = OmegaConf.to_container(cfg.pipeline.victims, resolve=True)
+    if isinstance(groups, (list, str)):  # a plain list of runs: one column each, as in evaluate
+        groups = {run: [run] for run in ([groups] if isinstance(groups, str) else groups)}
     default_defense = OmegaConf.to_container(cfg.defense, resolve=True) if cfg.get("defense") else None
     if default_defense and default_defense.get("name") in (None, "none"):
         default_defense = None
@@ -101,13 +109,30 @@ def victim_groups(cfg: DictConfig) -> dict[str, dict]:
     return parsed
 
 
+def check_evaluation_plan(cfg: DictConfig) -> None:
+    """Fail in seconds, not after the training stage, on a mistake in the attack/evaluate plan: no
+    surrogates, a surrogate or victim that is not one of ``pipeline.runs``, an unknown attack or a bad
+    ``attack_overrides`` value, an unknown defense or one that cannot be built (e.g. NRP without weights)."""
+    surrogate_names = list(cfg.pipeline.get("surrogates") or [])
+    if not surrogate_names:
+        raise TrigactError("pipeline.attacks is set but pipeline.surrogates is empty: name the runs to craft TAEs on")
+    groups = victim_groups(cfg)
+    for name in surrogate_names + [v for spec in groups.values() for v in spec["runs"]]:
+        if name not in cfg.pipeline.runs:
+            raise unknown_name("pipeline run", name, list(cfg.pipeline.runs))
+    overrides = OmegaConf.to_container(cfg.pipeline.attack_overrides, resolve=True) if cfg.pipeline.get("attack_overrides") else {}
+    for attack in cfg.pipeline.attacks:
+        attack_config(CONF_DIR, attack, overrides)
+    for spec in groups.values():
+        defense = spec["defense"] if isinstance(spec["defense"], dict) else defense_config(CONF_DIR, spec["defense"])
+        defend(torch.nn.Identity(), defense)  # builds it: bad parameters and missing weights fail here
+
+
 def attack_and_evaluate(cfg: DictConfig, train_cfgs: dict, out: Path):
     """Stages 2 and 3 for the experiment's surrogates, attacks and victim groups."""
+    check_evaluation_plan(cfg)
     groups = victim_groups(cfg)
     surrogate_names = list(cfg.pipeline.surrogates)
-    for name in surrogate_names + [v for spec in groups.values() for v in spec["runs"]]:
-        if name not in train_cfgs:
-            raise unknown_name("pipeline run", name, train_cfgs)
 
     def deployed(name):
         return load_bundle(Path(train_cfgs[name].paths.run_dir) / BUNDLE_NAME)
