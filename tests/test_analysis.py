@@ -85,3 +85,18 @@ def test_a_required_value_left_unset_is_a_one_line_cli_error(capsys):
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip() == (
         "trigact: error: results is required and was not given; set it on the command line (results=...)")
+
+
+def test_a_bad_sweep_point_fails_its_job_and_the_sweep_goes_on(tmp_path):
+    # sys.exit(2) inside a multirun job would end the whole sweep at its first bad point.
+    import subprocess
+    import sys
+
+    missing = [tmp_path / "a", tmp_path / "b"]
+    done = subprocess.run(
+        [sys.executable, "-m", "trigact.analysis", "-m", f"results={missing[0]},{missing[1]}",
+         f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("trigact: error:")]
+    assert len(errors) == 2 and all("no victims.json in" in line for line in errors), done.stderr

@@ -15,7 +15,8 @@ from trigact.errors import TrigactError
 @contextlib.contextmanager
 def user_errors():
     """Turn a :class:`TrigactError` (or a mandatory ``???`` config value left unset) into
-    ``trigact: error: <message>`` and exit status 2."""
+    ``trigact: error: <message>`` and exit status 2; in a multirun job, into that line and a failed job,
+    so the sweep goes on with its other points."""
     try:
         yield
     except Exception as err:  # noqa: BLE001 -- re-raised unless a TrigactError is behind it
@@ -29,7 +30,23 @@ def user_errors():
             key = cause.full_key or str(cause).splitlines()[0]
             cause = f"{key} is required and was not given; set it on the command line ({key}=...)"
         print(f"trigact: error: {cause}", file=sys.stderr)
+        if in_multirun():
+            # Hydra runs the other jobs of a sweep (and Optuna the other trials) only when a job fails
+            # with an Exception; SystemExit would end the whole sweep at the first bad point.
+            raise SweepJobError(str(cause)) from None
         sys.exit(2)
+
+
+class SweepJobError(TrigactError):
+    """One job of a Hydra multirun failed on bad input (its one-line message is already printed)."""
+
+
+def in_multirun() -> bool:
+    """Whether this process is running a job of a Hydra multirun (``-m``)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def quiet_libraries() -> None:
