@@ -1,9 +1,10 @@
 """Taxonomy driven fast adversarial training, TDAT (Tong, Jiang, Gui and Cao, AAAI 2024,
 "Taxonomy Driven Fast Adversarial Training", arXiv:2408.03944v1).
 
-Followed: the official code, github.com/bookman233/TDAT, ``TDAT.py`` (defaults: eps 8/255, step
-8/255, batch momentum 0.75, relaxation beta 0.6, gamma floors 0.15 / 0.15, lambda 0.65), and the
-paper's abstract. Single-step (FGSM-like) adversarial training with three changes against
+Followed: the official code, github.com/bookman233/TDAT, ``TDAT.py`` (eps 8/255, step 8/255, batch
+momentum 0.75, relaxation beta 0.6, gamma floors 0.15 / 0.15, and lambda 0.6: the argparse default is
+0.65, but the README's CIFAR-10 command and the published CIFAR-10 training log,
+``TDAT/CIFAR10/train_log.txt``, use 0.6), and the paper's abstract. Single-step (FGSM-like) adversarial training with three changes against
 catastrophic overfitting. Per training step, all in train mode (as the reference: the attack's
 forward is reused by the loss):
 
@@ -33,8 +34,7 @@ Also differs from the reference: incomplete batches (the last of an epoch) are t
 first rows of ``m`` (the reference skips them); the relaxation factor is capped at 1 (the reference
 defaults never exceed tan(1) * 0.6 = 0.93); ``m`` is saved in Lightning checkpoints (resume-exact).
 Could not determine (only the abstract of the paper was available to us, not its equations): whether
-the paper's regulariser compares the start point or the clean input (the code: the start point);
-lambda for CIFAR-10 (the code's default is 0.65, its README's command uses 0.6).
+the paper's regulariser compares the start point or the clean input (the code: the start point).
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ class TDATModule(AdversarialTrainingModule):
         relax_beta: float = 0.6,
         inner_gamma_min: float = 0.15,
         outer_gamma_min: float = 0.15,
-        reg_weight: float = 0.65,
+        reg_weight: float = 0.6,
         epochs: int | None = None,
         **kwargs,
     ):
