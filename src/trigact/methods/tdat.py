@@ -32,7 +32,8 @@ one backward: the same as FGSM-RS training plus nothing.
 
 Also differs from the reference: incomplete batches (the last of an epoch) are trained on, using the
 first rows of ``m`` (the reference skips them); the relaxation factor is capped at 1 (the reference
-defaults never exceed tan(1) * 0.6 = 0.93); ``m`` is saved in Lightning checkpoints (resume-exact).
+defaults never exceed tan(1) * 0.6 = 0.93); ``m`` is saved in Lightning checkpoints (resume-exact on one device; under DDP each rank carries
+its own ``m`` and only rank 0's is saved, so after a resume every rank restarts from rank 0's).
 Could not determine (only the abstract of the paper was available to us, not its equations): whether
 the paper's regulariser compares the start point or the clean input (the code: the start point).
 """
