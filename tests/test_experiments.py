@@ -16,7 +16,7 @@ PIPELINE_EXPERIMENTS = sorted(
 
 
 def test_the_fashion_mnist_experiments_are_there():
-    assert {"demo", "fmnist_eps_sweep", "fmnist_preprocessing", "fmnist_defenses"} <= set(PIPELINE_EXPERIMENTS)
+    assert {"demo", "fmnist_eps_sweep", "fmnist_preprocessing", "fmnist_defenses", "fmnist_seeds"} <= set(PIPELINE_EXPERIMENTS)
 
 
 @pytest.mark.parametrize("name", PIPELINE_EXPERIMENTS)
@@ -37,9 +37,13 @@ def test_the_fashion_mnist_experiments_share_runs(tmp_path):
             cfg = compose(config_name="pipeline", overrides=[f"paths.root_dir={tmp_path}", f"experiment={name}"])
             return {r: compose(config_name="train", overrides=run_overrides(cfg, r)).paths.run_dir for r in cfg.pipeline.runs}
 
-    sweep, preprocessing, defenses = (run_dirs(n) for n in ("fmnist_eps_sweep", "fmnist_preprocessing", "fmnist_defenses"))
+    sweep, preprocessing, defenses, seeds = (
+        run_dirs(n) for n in ("fmnist_eps_sweep", "fmnist_preprocessing", "fmnist_defenses", "fmnist_seeds"))
     for name, run_dir in preprocessing.items():
         assert sweep[name] == run_dir and defenses[name] == run_dir
+    for name, run_dir in seeds.items():  # its seed-0 runs and surrogates are fmnist_defenses' own
+        assert defenses.get(name, run_dir) == run_dir
+    assert {n for n in seeds if n in defenses} == set(preprocessing)
 
 
 @pytest.mark.parametrize("overrides, message", [
