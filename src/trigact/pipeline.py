@@ -129,8 +129,8 @@ def check_evaluation_plan(cfg: DictConfig) -> None:
 
 
 def attack_and_evaluate(cfg: DictConfig, train_cfgs: dict, out: Path):
-    """Stages 2 and 3 for the experiment's surrogates, attacks and victim groups."""
-    check_evaluation_plan(cfg)
+    """Stages 2 and 3 for the experiment's surrogates, attacks and victim groups (checked by
+    :func:`check_evaluation_plan` before the training stage)."""
     groups = victim_groups(cfg)
     surrogate_names = list(cfg.pipeline.surrogates)
 

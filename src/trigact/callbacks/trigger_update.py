@@ -41,8 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.experimental.optimization import fuse as fuse_conv_bn
 
-from trigact.errors import TrigactError, unknown_name
-from trigact.methods.adversarial import check_range
+from trigact.errors import TrigactError, check_range, unknown_name
 
 SOURCES = ("epoch", "train_step")
 MODES = ("eval", "train")

@@ -18,10 +18,9 @@ from torch.utils.data import DataLoader, Subset
 from trigact.attacks import attack_from_config
 from trigact.bundle import DeployedModel
 from trigact.epsilon import parse_eps
-from trigact.errors import TrigactError, unknown_name
+from trigact.errors import TrigactError, check_steps, unknown_name
 from trigact.evaluation.bank import Bank, ensure_bank
 from trigact.evaluation.matrix import RobustnessMatrix, evaluate_matrix
-from trigact.methods.adversarial import check_steps
 
 
 def attack_config(conf_dir, name: str, overrides: Mapping | None = None) -> dict:

@@ -13,7 +13,6 @@ forward), never the 10 intermediate iterates of the attack.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -22,7 +21,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from trigact.epsilon import parse_eps
-from trigact.errors import TrigactError
+from trigact.errors import TrigactError, check_range, check_steps  # noqa: F401  (re-exported)
 from trigact.methods.base import ClassifierModule
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
@@ -36,25 +35,6 @@ def check_eps(value, name: str) -> float:
     if eps > 1:
         raise TrigactError(f"{name}={value!r} must be in (0, 1] (pixels are in [0, 1]; e.g. 8/255)")
     return eps
-
-
-def check_steps(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise TrigactError(f"{name}={value!r} must be an integer >= 1")
-    return value
-
-
-def check_range(value, name: str, low: float, high: float = math.inf, *, low_open: bool = False) -> float:
-    """A finite real number in [low, high] (or (low, high] with ``low_open``); NaN and inf are refused."""
-    left = "(" if low_open else "["
-    right = "]" if math.isfinite(high) else ")"
-    allowed = f"{left}{low:g}, {high:g}{right}"
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        raise TrigactError(f"{name}={value!r} is not a number; expected one in {allowed}")
-    value = float(value)
-    if not math.isfinite(value) or value < low or (low_open and value == low) or value > high:
-        raise TrigactError(f"{name}={value!r} must be in {allowed}")
-    return value
 
 
 # --- the inner maximisation ------------------------------------------------------------------------------

@@ -4,8 +4,8 @@
 Followed: the official code, github.com/bookman233/TDAT, ``TDAT.py`` (eps 8/255, step 8/255, batch
 momentum 0.75, relaxation beta 0.6, gamma floors 0.15 / 0.15, and lambda 0.6: the argparse default is
 0.65, but the README's CIFAR-10 command and the published CIFAR-10 training log,
-``TDAT/CIFAR10/train_log.txt``, use 0.6), and the paper's abstract. Single-step (FGSM-like) adversarial training with three changes against
-catastrophic overfitting. Per training step, all in train mode (as the reference: the attack's
+``TDAT/CIFAR10/train_log.txt``, use 0.6), and the paper's abstract. Single-step (FGSM-like)
+adversarial training with three changes against catastrophic overfitting. Per training step, all in train mode (as the reference: the attack's
 forward is reused by the loss):
 
 1. **Batch-momentum initialisation.** The attack starts from a perturbation ``m`` carried across
@@ -32,8 +32,9 @@ one backward: the same as FGSM-RS training plus nothing.
 
 Also differs from the reference: incomplete batches (the last of an epoch) are trained on, using the
 first rows of ``m`` (the reference skips them); the relaxation factor is capped at 1 (the reference
-defaults never exceed tan(1) * 0.6 = 0.93); ``m`` is saved in Lightning checkpoints (resume-exact on one device; under DDP each rank carries
-its own ``m`` and only rank 0's is saved, so after a resume every rank restarts from rank 0's).
+defaults never exceed tan(1) * 0.6 = 0.93); ``m`` is saved in Lightning checkpoints (resume-exact on
+one device; under DDP each rank carries its own ``m`` and only rank 0's is saved, so after a resume
+every rank restarts from rank 0's).
 Could not determine (only the abstract of the paper was available to us, not its equations): whether
 the paper's regulariser compares the start point or the clean input (the code: the start point).
 """

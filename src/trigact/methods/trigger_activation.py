@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from trigact.errors import TrigactError, unknown_name
+from trigact.errors import TrigactError, check_range, unknown_name
 from trigact.losses import KL_DIRECTIONS, trigger_activation_loss
-from trigact.methods.adversarial import check_range
 from trigact.methods.base import ClassifierModule
 
 
