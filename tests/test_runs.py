@@ -1,7 +1,17 @@
 """Run folders: a pure function of what a config trains, so finished runs are found, not redone."""
 
-from helpers_hydra import compose_config
-from trigact.runs import run_name
+import inspect
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import get_class
+from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator, MPSAccelerator
+from omegaconf import OmegaConf
+
+from helpers_hydra import CONF_DIR, compose_config
+from trigact.runs import HASHED, NOT_HASHED, run_name, world_size
 
 BASE = ["data=digits", "model=small_cnn", "trigger=fixed", "trigger.eps=16/255"]
 
@@ -39,3 +49,94 @@ def test_where_and_how_it_runs_does_not(tmp_path):
                      "callbacks=none", "ckpt_path=last", "trainer.deterministic=false"):
         assert name(tmp_path, override) == first, override
     assert name(tmp_path / "elsewhere") == first
+
+
+def test_the_world_size_not_its_spelling_names_the_run(tmp_path, monkeypatch):
+    """devices=auto counts as what Lightning resolves it to; devices x num_nodes counts, not its factors."""
+    cpu_ddp = ["trainer=ddp", "trainer.accelerator=cpu"]
+    assert name(tmp_path, *cpu_ddp) == name(tmp_path, *cpu_ddp, "trainer.devices=1")  # auto is 1 CPU process here
+    monkeypatch.setattr(CPUAccelerator, "auto_device_count", staticmethod(lambda: 2))
+    two = name(tmp_path, *cpu_ddp, "trainer.devices=2")
+    assert name(tmp_path, *cpu_ddp) == two
+    assert name(tmp_path, *cpu_ddp, "trainer.devices=1", "trainer.num_nodes=2") == two
+
+    # GPUs (none needed: an explicit count is taken as written, auto and -1 ask the accelerator)
+    monkeypatch.setattr(MPSAccelerator, "is_available", staticmethod(lambda: False))
+    monkeypatch.setattr(CUDAAccelerator, "auto_device_count", staticmethod(lambda: 2))
+    gpu_ddp = ["trainer=ddp", "trainer.accelerator=gpu"]
+    for devices in ("auto", "-1", "2", "[0,1]", "'0,1'"):
+        assert name(tmp_path, *gpu_ddp, f"trainer.devices={devices}") == two, devices
+
+
+def test_one_and_two_processes_are_two_runs(tmp_path):
+    cpu_ddp = ["trainer=ddp", "trainer.accelerator=cpu"]
+    assert name(tmp_path, *cpu_ddp, "trainer.devices=1") != name(tmp_path, *cpu_ddp, "trainer.devices=2")
+    assert name(tmp_path, *cpu_ddp, "trainer.devices=2") != name(tmp_path, *cpu_ddp, "trainer.devices=4")
+    # One DDP process trains what a plain one does: sync_batchnorm acts only across processes.
+    assert name(tmp_path, *cpu_ddp, "trainer.devices=1") == name(tmp_path)
+
+
+def test_only_settings_that_change_the_model_are_hashed(tmp_path):
+    first = name(tmp_path)
+    for override in ("+trainer.benchmark=true", "+trainer.foo=1", "+data.foo=1", "trainer.limit_val_batches=2",
+                     "+trainer.num_sanity_val_steps=0", "+trainer.check_val_every_n_epoch=2",
+                     "data.eval_batch_size=7", "+trainer.strategy=ddp", "+trainer.accumulate_grad_batches=1",
+                     "+trainer.gradient_clip_val=null", "+trainer.fast_dev_run=false", "trainer.precision=32"):
+        assert name(tmp_path, override) == first, override  # unrelated, or a default written out
+    for override in ("+trainer.accumulate_grad_batches=2", "+trainer.gradient_clip_val=1.0",
+                     "trainer.precision=bf16-mixed", "trainer.limit_train_batches=1", "+trainer.max_steps=5",
+                     "+trainer.fast_dev_run=true", "++data.val_size=0.2", "++data.split_seed=1"):
+        assert name(tmp_path, override) != first, override
+    assert name(tmp_path, "trainer.limit_train_batches=1") != name(tmp_path, "trainer.limit_train_batches=1.0")
+
+
+def test_every_trainer_and_datamodule_argument_is_decided_on():
+    """A new Lightning Trainer argument or datamodule argument must be put in HASHED or NOT_HASHED."""
+    trainer = inspect.signature(L.Trainer.__init__).parameters
+    assert set(trainer) - {"self"} == set(HASHED["trainer"]) | set(NOT_HASHED["trainer"])
+    for key, default in HASHED["trainer"].items():  # the defaults the hash leaves out are Lightning's
+        assert repr(trainer[key].default) == repr(default), key
+
+    decided = set(HASHED["data"]) | set(NOT_HASHED["data"])
+    for yaml in sorted(Path(CONF_DIR, "data").glob("*.yaml")):
+        data = OmegaConf.load(yaml)
+        assert set(data) <= decided, (yaml.name, set(data) - decided)
+        for cls in get_class(data._target_).__mro__:
+            init = cls.__dict__.get("__init__")
+            if init is None or cls.__module__.split(".")[0] != "trigact":
+                continue
+            arguments = {n for n, p in inspect.signature(init).parameters.items()
+                         if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)} - {"self"}
+            assert arguments <= decided, (cls.__name__, arguments - decided)
+
+
+def test_launches_in_the_same_second_get_their_own_folders(tmp_path):
+    def launch():
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose("train", [f"paths.root_dir={tmp_path}", *BASE], return_hydra_config=True)
+        return cfg, str(cfg.hydra.run.dir), str(cfg.hydra.sweep.dir)
+
+    for _ in range(5):  # until both fall in one second
+        (first, run_a, sweep_a), (_, run_b, sweep_b) = launch(), launch()
+        if run_a.rsplit("/", 1)[1][:19] == run_b.rsplit("/", 1)[1][:19]:
+            break
+    assert run_a.rsplit("/", 1)[0] == run_b.rsplit("/", 1)[0] == f"{tmp_path}/outputs/runs/{name(tmp_path)}/launches"
+    assert run_a != run_b and sweep_a != sweep_b
+    # One launch reads one folder every time it asks, and each job of a multirun gets the sweep's:
+    # Hydra copies the resolver cache from the sweep's config into every job's.
+    assert str(first.hydra.run.dir) == run_a
+    job, _, _ = launch()
+    OmegaConf.copy_cache(from_config=first, to_config=job)
+    assert str(job.hydra.sweep.dir) == sweep_a and str(job.hydra.run.dir) == run_a
+
+
+def test_the_world_size_is_the_one_lightning_trains_with():
+    """world_size agrees with a real Trainer, on this machine's accelerators (GPU specs where there is one)."""
+    specs = [("cpu", 1, 1), ("cpu", 2, 1), ("cpu", "2", 1), ("cpu", "auto", 1), ("cpu", 2, 2), ("auto", "auto", 1)]
+    if torch.cuda.is_available():
+        specs += [("gpu", "auto", 1), ("gpu", -1, 1), ("cuda", 1, 2), ("gpu", "0,", 1), ("auto", -1, 1)]
+    for accelerator, devices, num_nodes in specs:
+        trainer = L.Trainer(accelerator=accelerator, devices=devices, num_nodes=num_nodes, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        spec = {"accelerator": accelerator, "devices": devices, "num_nodes": num_nodes}
+        assert world_size(spec) == trainer.world_size, spec
