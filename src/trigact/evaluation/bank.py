@@ -1,19 +1,27 @@
-"""TAE bank: transferable adversarial examples crafted once per (dataset, surrogate, attack, eps, steps).
+"""TAE bank: transferable adversarial examples crafted once per request, then reused by every victim.
 
-A bank is a folder ``<root>/advbank/<dataset>/<surrogate>/<attack>-eps<E>-s<steps>/`` (``E`` = eps in
-255ths, ``8/255`` -> ``eps8``) holding two files:
+A request is everything that makes the bank's images (:func:`bank_key`): the dataset and the
+image-defining keys of its data config, the split (``test`` or ``val``), ``n_eval``, the surrogate's
+run (its registry name and its bundle's sha256), the attack's full config after overrides, and the
+crafting seed. A bank is a folder
+``<root>/advbank/<dataset>/<surrogate>/<attack>-eps<E>-s<steps>-<hash>/`` (``E`` = eps in 255ths,
+``8/255`` -> ``eps8``; ``<hash>`` = the first 10 hex digits of the request's sha256), so changing
+any of it (e.g. the seed) gives a new bank instead of reusing an old one. The folder holds:
 
 - ``bank.pt``: ``{"x_adv": uint8 (N, C, H, W), "x_clean": uint8 (N, C, H, W), "y": int64 (N,)}``,
   quantized like real images so that every victim sees exactly what a saved image file would give;
   loadable with ``torch.load(weights_only=True)``.
-- ``meta.json``: what made the bank (dataset, surrogate, attack config, eps, steps), the surrogate's
-  clean accuracy and white-box success rate on the stored images, timing, versions, and the sha256
-  and byte size of ``bank.pt``.
+- ``meta.json``: the full request (``key``, whose hash names the folder), the attack's resolved
+  settings, the surrogate's clean accuracy and white-box success rate on the stored images, timing,
+  versions, and the sha256 and byte size of ``bank.pt`` (hashed from the bytes written, not re-read).
+- ``.lock``: the file an exclusive ``flock`` is held on while the bank is checked and crafted.
 
-Both are written atomically, ``bank.pt`` first and ``meta.json`` last: a ``meta.json`` whose sha256
-and size match ``bank.pt`` marks a complete bank. :func:`ensure_bank` reuses a complete bank and
-never redoes it; anything else in the folder (a truncated ``bank.pt``, a missing or mismatched
-``meta.json``) is stale and is crafted again.
+Both data files are written atomically, ``bank.pt`` first and ``meta.json`` last: a ``meta.json``
+whose sha256 and size match ``bank.pt`` marks a complete bank. :func:`ensure_bank` reuses a complete
+bank and never redoes it; anything else in the folder (a truncated ``bank.pt``, a missing or
+mismatched ``meta.json``) is stale and is crafted again, by the lock holder only. A second process
+asking for the same bank waits for the lock and then reuses what the first wrote. (flock works
+across nodes on NFSv4 and Lustre with ``flock`` mounts; see :mod:`trigact.run_status`.)
 """
 
 from __future__ import annotations
@@ -23,7 +31,8 @@ import io
 import json
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,11 +43,14 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from trigact.epsilon import parse_eps
 from trigact.errors import TrigactError
-from trigact.io import atomic_torch_save, atomic_write_json
+from trigact.io import atomic_write_bytes, atomic_write_json
 
 BANK_FILE = "bank.pt"
 META_FILE = "meta.json"
-FORMAT_VERSION = 1
+LOCK_FILE = ".lock"
+# 2: the folder name ends in the request's hash and meta.json holds the request as "key".
+FORMAT_VERSION = 2
+KEY_HASH_CHARS = 10
 # Leftover temp files of a killed writer (``.bank.pt.<random>.tmp``) older than this are deleted
 # when a bank is crafted again; younger ones may belong to a writer that is still running.
 STALE_TEMP_SECONDS = 3600.0
@@ -59,12 +71,64 @@ def _path_part(kind: str, value) -> str:
     return value
 
 
-def bank_dir(root, dataset: str, surrogate: str, attack: str, eps, steps: int) -> Path:
-    """``<root>/advbank/<dataset>/<surrogate>/<attack>-eps<E>-s<steps>``."""
+def bank_key(
+    dataset: str,
+    surrogate: str,
+    attack: str,
+    attack_config: Mapping,
+    eps,
+    steps: int,
+    *,
+    data: Mapping | None = None,
+    split: str = "test",
+    n_eval: int | None = None,
+    seed: int | None = None,
+    surrogate_sha256: str | None = None,
+) -> dict:
+    """Everything that makes a bank, as stored in ``meta.json["key"]``; its hash names the folder.
+
+    ``data``: the image-defining keys of the data config; ``n_eval`` as asked for (None: all);
+    ``seed``: the RNG seed set before crafting; ``surrogate_sha256``: the bundle file's hash, so a
+    retrained run under the same name does not reuse the old run's bank.
+    """
+    config = _jsonable(dict(attack_config))
+    if "eps" in config:  # "8/255" and 0.0313... are one budget
+        config["eps"] = parse_eps(config["eps"], "attack.eps")
+    return _jsonable(
+        dict(
+            dataset=str(dataset),
+            data=None if data is None else dict(data),
+            split=str(split),
+            n_eval=n_eval,
+            surrogate=dict(name=str(surrogate), sha256=surrogate_sha256),
+            attack=str(attack),
+            attack_config=config,
+            eps=parse_eps(eps, "attack.eps"),
+            steps=steps,
+            seed=seed,
+        )
+    )
+
+
+def key_hash(key: Mapping) -> str:
+    """A short, stable hash of a request (canonical JSON)."""
+    text = json.dumps(key, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:KEY_HASH_CHARS]
+
+
+def bank_dir(root, dataset: str, surrogate: str, attack: str, eps, steps: int, key: Mapping | None = None) -> Path:
+    """``<root>/advbank/<dataset>/<surrogate>/<attack>-eps<E>-s<steps>-<hash of key>`` (no hash without a key)."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise TrigactError(f"attack.steps={steps!r} must be an integer >= 1")
     leaf = f"{_path_part('attack', attack)}-eps{eps_tag(eps)}-s{steps}"
+    if key is not None:
+        leaf += f"-{key_hash(key)}"
     return Path(root) / "advbank" / _path_part("dataset", dataset) / _path_part("surrogate", surrogate) / leaf
+
+
+def bank_path(root, key: Mapping) -> Path:
+    """The folder of the bank that :func:`bank_key` describes."""
+    return bank_dir(root, key["dataset"], key["surrogate"]["name"], key["attack"], key["eps"], key["steps"], key)
 
 
 # ---------------------------------------------------------------------------------- quantization
@@ -168,12 +232,28 @@ def _check_tensors(data, data_path: Path) -> None:
         )
 
 
-def load_bank(path) -> Bank:
-    """Load a complete bank from its folder; a missing, incomplete or corrupt one fails in one line."""
+def check_key(meta: Mapping, key: Mapping, path: Path) -> None:
+    """A bank's ``meta.json`` must record exactly the request it is loaded for; never mix requests."""
+    stored = meta.get("key")
+    if stored == key:
+        return
+    stored = stored if isinstance(stored, dict) else {}
+    diffs = sorted(k for k in set(stored) | set(key) if stored.get(k) != key.get(k))
+    raise TrigactError(
+        f"TAE bank {path} was made by a different request (differs in: {', '.join(diffs)}); "
+        "delete it or use another root, it is never overwritten"
+    )
+
+
+def load_bank(path, key: Mapping | None = None) -> Bank:
+    """Load a complete bank from its folder; a missing, incomplete or corrupt one fails in one line,
+    and so does one whose recorded request is not ``key`` (when given)."""
     path = Path(path)
     if not path.is_dir():
         raise TrigactError(f"no TAE bank at {path}: folder does not exist")
     meta = _read_meta(path)
+    if key is not None:
+        check_key(meta, key, path)
     return _bank_from_tensors(_read_data(path, meta), meta, path)
 
 
@@ -277,7 +357,8 @@ def _jsonable(obj):
     return json.loads(json.dumps(obj, default=str, sort_keys=True))
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path) -> str:
+    """sha256 of a file, read in chunks (e.g. a surrogate's bundle, for its bank key)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -285,27 +366,36 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _check_same_request(meta: dict, request: dict, path: Path) -> None:
-    """A complete bank in this folder must come from the same request; never silently mix configs."""
-    diffs = []
-    for key in ("dataset", "attack", "steps"):
-        if meta.get(key) != request[key]:
-            diffs.append(f"{key} {meta.get(key)!r} != {request[key]!r}")
-    if meta.get("surrogate", {}).get("name") != request["surrogate"]["name"]:
-        diffs.append(f"surrogate {meta.get('surrogate', {}).get('name')!r} != {request['surrogate']['name']!r}")
-    if not isinstance(meta.get("eps"), (int, float)) or not math.isclose(meta["eps"], request["eps"], abs_tol=1e-9):
-        diffs.append(f"eps {meta.get('eps')!r} != {request['eps']!r}")
-    if meta.get("attack_config") != request["attack_config"]:
-        diffs.append(f"attack_config {meta.get('attack_config')!r} != {request['attack_config']!r}")
-    if diffs:
+@contextmanager
+def _bank_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive flock on ``<bank>/.lock``: one crafter per bank, the others wait for it.
+
+    The kernel drops the lock when its holder dies, however it dies, so a killed crafter never
+    leaves the bank locked.
+    """
+    import fcntl
+
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        handle = open(path / LOCK_FILE, "a+")
+    except OSError as err:
         raise TrigactError(
-            f"TAE bank {path} was made by a different request ({'; '.join(diffs)}); "
-            "delete it or use another root, it is never overwritten"
-        )
+            f"cannot craft TAE bank {path}: {err.strerror or type(err).__name__} (read-only output root?)"
+        ) from None
+    try:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for TAE bank {path}: another process is crafting it")
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        yield
+    finally:
+        handle.close()  # releases the flock
 
 
 def _remove_stale(path: Path) -> None:
-    """Delete what an interrupted or corrupt bank left: meta first, so no marker outlives its data."""
+    """Delete what an interrupted or corrupt bank left: meta first, so no marker outlives its data.
+    Only the holder of the bank's lock may call this: another process's fresh file is never deleted."""
     (path / META_FILE).unlink(missing_ok=True)
     (path / BANK_FILE).unlink(missing_ok=True)
     now = time.time()
@@ -316,6 +406,27 @@ def _remove_stale(path: Path) -> None:
                     tmp.unlink()
             except FileNotFoundError:
                 pass
+
+
+def _complete_bank(path: Path, key: Mapping, wanted: int | None, report: bool) -> Bank | None:
+    """The complete bank of this request in ``path``, or None (stale or absent; said when ``report``)."""
+    if not (path / META_FILE).exists():
+        if report and (path / BANK_FILE).exists():
+            print(f"stale TAE bank, crafting again: {path / BANK_FILE} has no {META_FILE} (interrupted write)")
+        return None
+    try:
+        bank = load_bank(path)
+    except TrigactError as err:
+        if report:
+            print(f"stale TAE bank, crafting again: {err}")
+        return None
+    check_key(bank.meta, key, path)
+    if wanted is not None and wanted != len(bank):
+        raise TrigactError(
+            f"TAE bank {path} holds {len(bank)} images but {wanted} were asked for (another n_eval, or the data "
+            "changed since it was crafted); delete it or use another output root, a bank is never overwritten"
+        )
+    return bank
 
 
 def ensure_bank(
@@ -331,45 +442,49 @@ def ensure_bank(
     steps: int,
     loader: Iterable,
     progress: bool = True,
+    *,
+    key: Mapping | None = None,
 ) -> Bank:
     """Return the bank for this request, crafting it only if no complete bank exists.
 
     ``attack_fn(x, y) -> x_adv`` is called once per batch of ``loader`` (``(x, y)`` batches in
     [0, 1]). A complete bank (``meta.json`` whose sha256 and size match ``bank.pt``) is loaded and
     returned without calling ``attack_fn``; an incomplete or corrupt one is deleted and crafted again.
-    A complete bank from a different request (attack config, eps, ...) in the same folder is an error.
+    ``key`` (:func:`bank_key`; by default one from the arguments alone) names the folder and must
+    equal the key in a complete bank's ``meta.json``. ``attack_config`` is recorded as the attack's
+    resolved settings. While checking and crafting, the bank's lock is held; a second process asking
+    for the same bank waits for it and then reuses the first one's bank.
     """
     eps = parse_eps(eps, "attack.eps")
-    path = bank_dir(root, dataset, surrogate_name, attack_name, eps, steps)
-    request = dict(
-        dataset=str(dataset),
-        surrogate=dict(name=str(surrogate_name), bundle=None if surrogate_bundle is None else str(surrogate_bundle)),
-        attack=str(attack_name),
-        attack_config=_jsonable(dict(attack_config)),
-        eps=eps,
-        eps_255=eps_tag(eps),
-        steps=steps,
-    )
+    if key is None:
+        key = bank_key(dataset, surrogate_name, attack_name, attack_config, eps, steps)
+    elif (key["dataset"], key["surrogate"]["name"], key["attack"], key["steps"]) != (
+        str(dataset), str(surrogate_name), str(attack_name), steps
+    ) or not math.isclose(key["eps"], eps, abs_tol=1e-12):
+        raise ValueError(
+            f"bank key {key} does not describe {dataset}/{surrogate_name}/{attack_name} eps={eps} steps={steps}"
+        )
+    path = bank_path(root, key)
+    wanted = _loader_size(loader)
 
-    if (path / META_FILE).exists():
-        try:
-            bank = load_bank(path)
-        except TrigactError as err:
-            print(f"stale TAE bank, crafting again: {err}")
-        else:
-            _check_same_request(bank.meta, request, path)
-            wanted = _loader_size(loader)
-            if wanted is not None and wanted != len(bank):
-                raise TrigactError(
-                    f"TAE bank {path} holds {len(bank)} images but {wanted} were asked for (another n_eval); "
-                    "use the same n_eval or another output root, a bank is never overwritten"
-                )
-            print(f"reusing TAE bank: {path} ({len(bank)} images)")
-            return bank
-    elif (path / BANK_FILE).exists():
-        print(f"stale TAE bank, crafting again: {path / BANK_FILE} has no {META_FILE} (interrupted write)")
-    _remove_stale(path)
+    # A complete bank is read without the lock: nobody deletes a complete bank of its own request,
+    # and a read-only output root can still serve it.
+    bank = _complete_bank(path, key, wanted, report=False)
+    if bank is None:
+        with _bank_lock(path):
+            # Another process may have finished it while this one waited for the lock.
+            bank = _complete_bank(path, key, wanted, report=True)
+            if bank is None:
+                _remove_stale(path)
+                return _craft_bank(path, key, dataset, surrogate_name, surrogate_bundle, surrogate_model,
+                                   attack_name, attack_fn, attack_config, eps, steps, loader, progress)
+    print(f"reusing TAE bank: {path} ({len(bank)} images)")
+    return bank
 
+
+def _craft_bank(path, key, dataset, surrogate_name, surrogate_bundle, surrogate_model, attack_name, attack_fn,
+                attack_config, eps, steps, loader, progress) -> Bank:
+    """Craft, measure and write a bank (the caller holds its lock)."""
     start = time.perf_counter()
     description = f"{attack_name} eps={eps_tag(eps)}/255 on {surrogate_name}"
     q_adv, q_clean, y = craft(attack_fn, loader, eps, progress=progress, description=description)
@@ -383,9 +498,21 @@ def ensure_bank(
     whitebox_success = (pred_adv != y).float().mean().item()
 
     data = {"x_adv": q_adv, "x_clean": q_clean, "y": y}
-    atomic_torch_save(data, path / BANK_FILE)
+    # Hash the bytes written, not the file afterwards: the meta then vouches for exactly this data.
+    buffer = io.BytesIO()
+    torch.save(data, buffer)
+    raw = buffer.getvalue()
+    atomic_write_bytes(raw, path / BANK_FILE)
     meta = dict(
-        request,
+        key=key,
+        key_hash=key_hash(key),
+        dataset=str(dataset),
+        surrogate=dict(name=str(surrogate_name), bundle=None if surrogate_bundle is None else str(surrogate_bundle)),
+        attack=str(attack_name),
+        attack_config=_jsonable(dict(attack_config)),
+        eps=eps,
+        eps_255=eps_tag(eps),
+        steps=steps,
         format_version=FORMAT_VERSION,
         n=n,
         image_shape=list(q_adv.shape[1:]),
@@ -396,7 +523,7 @@ def ensure_bank(
         wall_time_s=wall_time,
         torch_version=torch.__version__,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        file=dict(name=BANK_FILE, sha256=_sha256(path / BANK_FILE), bytes=(path / BANK_FILE).stat().st_size),
+        file=dict(name=BANK_FILE, sha256=hashlib.sha256(raw).hexdigest(), bytes=len(raw)),
     )
     atomic_write_json(meta, path / META_FILE)  # last: its presence marks the bank complete
     print(
