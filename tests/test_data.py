@@ -1,4 +1,5 @@
-"""Datamodules: shapes, value ranges, splits, deterministic shuffling, sharding, error messages, configs.
+"""Datamodules: shapes, value ranges, splits (validation carved from train), deterministic shuffling,
+sharding, error messages, configs.
 
 Every dataset except digits is written here in its real on-disk format in tmp_path, at a tiny size,
 and read back through the production code path.
@@ -30,6 +31,7 @@ from trigact.data import (
     TrigactDataModule,
     build_datamodule,
 )
+from trigact.data.base import validation_indices
 from trigact.data.digits import load_digits_split
 from trigact.errors import TrigactError
 
@@ -50,6 +52,33 @@ def train_order(dm: TrigactDataModule, epoch: int) -> list[int]:
     return list(sampler)
 
 
+def image_keys(images) -> set[bytes]:
+    """Each image's bytes, to compare splits by content (the tiny test datasets hold no duplicates)."""
+    return {x.numpy().tobytes() for x in images}
+
+
+def dataset_images(dataset) -> list[torch.Tensor]:
+    return [dataset[i][0] for i in range(len(dataset))]
+
+
+def loader_images(loader) -> list[torch.Tensor]:
+    return [x for batch, _ in loader for x in batch]
+
+
+def assert_val_carved_from_train(dm: TrigactDataModule, n_train_data: int, n_val: int) -> None:
+    """The datamodule's val images are `n_val` of its training data's, disjoint from train and test,
+    served in order (eval transforms) by `val_dataloader`; train/train-eval hold exactly the rest."""
+    assert (len(dm.train_set), len(dm.train_eval_set), len(dm.val_set)) == (n_train_data - n_val,) * 2 + (n_val,)
+    val, train = image_keys(dataset_images(dm.val_set)), image_keys(dataset_images(dm.train_eval_set))
+    test = image_keys(dataset_images(dm.test_set))
+    assert len(val) == n_val and not val & train and not val & test
+    if n_val:
+        served = loader_images(dm.val_dataloader())
+        assert len(served) == n_val and image_keys(served) == val
+    else:
+        assert list(dm.val_dataloader()) == []
+
+
 # ---------------------------------------------------------------- digits
 
 
@@ -58,14 +87,15 @@ def test_digits_shapes_range_and_split_sizes():
     assert (dm.name, dm.num_classes, dm.in_chans, dm.image_size) == ("digits", 10, 1, 16)
     assert len(dm.mean) == len(dm.std) == 1 and 0 < dm.mean[0] < 1 and 0 < dm.std[0] < 1
     dm.setup()
-    assert (len(dm.train_set), len(dm.test_set), len(dm.train_eval_set)) == (1437, 360, 1437)
+    # 1437 training images: 10% (data.val_size=0.1) carved out for validation.
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set), len(dm.train_eval_set)) == (1293, 144, 360, 1293)
     x, y = next(iter(dm.train_dataloader()))
     assert x.shape == (32, 1, 16, 16) and x.dtype == torch.float32
     x_test, y_test = next(iter(dm.test_dataloader()))
     assert x_test.shape == (32, 1, 16, 16)  # eval_batch_size defaults to batch_size
-    for images, labels in (dm.train_set.tensors, dm.test_set.tensors):
+    for images, labels in (dm.train_set.tensors, dm.val_set.tensors, dm.test_set.tensors):
         assert images.min() >= 0 and images.max() <= 1
-        assert set(labels.tolist()) == set(range(10))  # stratified: every class in both splits
+        assert set(labels.tolist()) == set(range(10))  # stratified: every class in every split
     # The stats in __init__ are those of the train images the module serves.
     train_images = dm.train_set.tensors[0]
     assert dm.mean[0] == pytest.approx(train_images.mean().item())
@@ -90,6 +120,55 @@ def test_digits_split_is_deterministic_per_split_seed():
     for a, b in zip(first, again):
         assert torch.equal(a, b)
     assert not torch.equal(first[2], other[2])  # another split_seed picks other test images
+
+
+def test_val_dataloader_serves_training_images_never_test_images():
+    dm = DigitsDataModule(image_size=8)  # at 8x8 the 1797 digits are pairwise distinct images
+    dm.setup()
+    served = image_keys(loader_images(dm.val_dataloader()))
+    x_train_data, _, x_test, _ = load_digits_split(8, 0, 0.2)
+    assert served and not served & image_keys(x_test)
+    assert served <= image_keys(x_train_data) and len(served) == len(dm.val_set)
+
+
+@pytest.mark.parametrize(("val_size", "n_val"), [(0.1, 144), (100, 100), (0, 0)])
+def test_digits_val_split_is_carved_from_train(val_size, n_val):
+    dm = DigitsDataModule(image_size=8, val_size=val_size)
+    dm.setup()
+    assert_val_carved_from_train(dm, 1437, n_val)
+    x_train_data = load_digits_split(8, 0, 0.2)[0]
+    assert image_keys(dm.train_set.tensors[0]) | image_keys(dm.val_set.tensors[0]) == image_keys(x_train_data)
+    # The model's normalization statistics are those of the images it trains on.
+    assert dm.mean[0] == pytest.approx(dm.train_set.tensors[0].mean().item())
+    if n_val:  # stratified: each class gives its share, to within one image
+        shares = torch.bincount(dm.val_set.tensors[1], minlength=10).double()
+        expected = torch.bincount(load_digits_split(8, 0, 0.2)[1], minlength=10).double() * n_val / 1437
+        assert (shares - expected).abs().max() < 1
+
+
+def test_val_split_is_fixed_by_split_seed_not_by_the_training_seed():
+    def val_images(**kwargs):
+        dm = DigitsDataModule(image_size=8, **kwargs)
+        dm.setup()
+        return dm.val_set.tensors[0]
+
+    assert torch.equal(val_images(seed=0), val_images(seed=3))
+    assert not torch.equal(val_images(split_seed=0), val_images(split_seed=1))
+
+
+def test_validation_indices_partition_and_stratify():
+    labels = np.repeat(np.arange(4), [30, 10, 5, 55])
+    train, val = validation_indices(labels, 0.2, seed=0)
+    assert len(val) == 20 and sorted([*train, *val]) == list(range(100))
+    assert np.bincount(labels[val], minlength=4).tolist() == [6, 2, 1, 11]
+    again_train, again_val = validation_indices(labels, 0.2, seed=0)
+    assert np.array_equal(val, again_val) and np.array_equal(train, again_train)
+    assert not np.array_equal(val, validation_indices(labels, 0.2, seed=1)[1])
+    assert len(validation_indices(labels, 0.001, seed=0)[1]) == 1  # a fraction > 0 carves at least one
+    for too_many in (100, 0.999):
+        with pytest.raises(TrigactError) as excinfo:
+            validation_indices(labels, too_many, seed=0)
+        assert_one_line_error(excinfo, f"data.val_size={too_many!r}", "only 100")
 
 
 def test_digits_setup_is_idempotent():
@@ -177,6 +256,12 @@ def test_worker_processes_give_the_same_batches():
         ({"num_workers": -2}, "data.num_workers"),
         ({"image_size": 0}, "data.image_size"),
         ({"test_fraction": 1.5}, "data.test_fraction"),
+        ({"val_size": -1}, "data.val_size"),
+        ({"val_size": 1.0}, "data.val_size"),
+        ({"val_size": "10%"}, "data.val_size"),
+        ({"val_size": True}, "data.val_size"),
+        ({"val_size": 1437}, "data.val_size"),  # leaves no training image
+        ({"split_seed": "a"}, "data.split_seed"),
     ],
 )
 def test_bad_arguments_give_one_line_errors(kwargs, key):
@@ -215,7 +300,7 @@ def write_fashion(directory: Path, gz: bool, n_train: int = 20, n_test: int = 10
 @pytest.mark.parametrize("gz", [True, False], ids=["gzipped", "raw"])
 def test_fashion_round_trips_pixels_and_labels(tmp_path, gz):
     arrays = write_fashion(tmp_path, gz)
-    dm = FashionMNISTDataModule(root=str(tmp_path), batch_size=8)
+    dm = FashionMNISTDataModule(root=str(tmp_path), batch_size=8, val_size=0)  # every train image, in file order
     assert (dm.name, dm.num_classes, dm.in_chans, dm.image_size) == ("fashion_mnist", 10, 1, 28)
     assert dm.mean == (0.2860,) and dm.std == (0.3530,)
     dm.setup()
@@ -236,7 +321,7 @@ def test_fashion_round_trips_pixels_and_labels(tmp_path, gz):
 
 def test_fashion_augment_and_resize(tmp_path):
     write_fashion(tmp_path, gz=True)
-    dm = FashionMNISTDataModule(root=str(tmp_path), augment=True, image_size=32)
+    dm = FashionMNISTDataModule(root=str(tmp_path), augment=True, image_size=32, val_size=0)
     dm.setup()
     augmented = torch.stack([dm.train_set[i][0] for i in range(20)])
     plain = torch.stack([dm.train_eval_set[i][0] for i in range(20)])
@@ -244,6 +329,17 @@ def test_fashion_augment_and_resize(tmp_path):
     assert augmented.min() >= 0 and augmented.max() <= 1
     assert not torch.equal(augmented, plain)  # 20 random crops/flips all being identity: ~impossible
     assert dm.test_set[0][0].shape == (1, 32, 32)
+
+
+def test_fashion_val_split_is_carved_from_train_without_augmentation(tmp_path):
+    arrays = write_fashion(tmp_path, gz=True)
+    dm = FashionMNISTDataModule(root=str(tmp_path), augment=True, val_size=0.25)
+    dm.setup()
+    assert_val_carved_from_train(dm, 20, 5)
+    raw = torch.from_numpy(arrays["train-images-idx3-ubyte"]).float().unsqueeze(1) / 255
+    # Validation images are the file's training images as they are (eval transforms, no crop/flip).
+    assert image_keys(dataset_images(dm.val_set)) <= image_keys(raw)
+    assert all(int(dm.val_set[i][1]) == arrays["train-labels-idx1-ubyte"][j] for i, j in enumerate(dm.val_set.indices))
 
 
 def test_fashion_reads_torchvision_download_layout(tmp_path):
@@ -305,8 +401,9 @@ def test_fashion_corrupt_file_is_named(tmp_path, damage):
 def test_fashion_debian_package():
     dm = FashionMNISTDataModule()
     dm.setup()
-    assert (len(dm.train_set), len(dm.test_set)) == (60000, 10000)
-    images = torch.stack([dm.train_eval_set[i][0] for i in range(0, 60000, 60)])
+    # 60000 training images, 10% of them carved out for validation (the default data.val_size=0.1).
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (54000, 6000, 10000)
+    images = torch.stack([dm.train_eval_set[i][0] for i in range(0, 54000, 54)])
     assert images.mean().item() == pytest.approx(dm.mean[0], abs=0.02)
     assert images.std().item() == pytest.approx(dm.std[0], abs=0.02)
 
@@ -361,7 +458,7 @@ def skip_cifar_md5(monkeypatch):
 @pytest.mark.parametrize("module", [CIFAR10DataModule, CIFAR100DataModule], ids=["cifar10", "cifar100"])
 def test_cifar_round_trips_real_format(tmp_path, skip_cifar_md5, module):
     train_data, train_labels, test_data, test_labels = write_cifar(tmp_path, module)
-    dm = module(root=str(tmp_path), batch_size=2)
+    dm = module(root=str(tmp_path), batch_size=2, val_size=0)  # every train image, in file order
     assert (dm.in_chans, dm.image_size, len(dm.mean), len(dm.std)) == (3, 32, 3, 3)
     dm.setup()
     assert (len(dm.train_set), len(dm.test_set)) == (len(train_labels), len(test_labels))
@@ -372,6 +469,18 @@ def test_cifar_round_trips_real_format(tmp_path, skip_cifar_md5, module):
             assert y == labels[i]
     x, y = next(iter(dm.train_dataloader()))
     assert x.shape == (2, 3, 32, 32) and 0 <= x.min() and x.max() <= 1
+
+
+@pytest.mark.parametrize("module", [CIFAR10DataModule, CIFAR100DataModule], ids=["cifar10", "cifar100"])
+def test_cifar_val_split_is_carved_from_train(tmp_path, skip_cifar_md5, module):
+    train_data, train_labels, _, _ = write_cifar(tmp_path, module, per_file=4)
+    dm = module(root=str(tmp_path), val_size=2)
+    dm.setup()
+    assert_val_carved_from_train(dm, len(train_labels), 2)
+    for i, j in enumerate(dm.val_set.indices):  # the archive's training image j, un-augmented
+        x, y = dm.val_set[i]
+        assert torch.equal(x, torch.from_numpy(train_data[j].reshape(3, 32, 32)).float() / 255)
+        assert y == train_labels[j]
 
 
 def test_cifar_registry_stats():
@@ -416,7 +525,7 @@ def write_image_folder(root: Path, classes: list[str], per_class: int = 2) -> No
 def test_imagenet_subset_takes_first_sorted_classes(tmp_path):
     classes = ["n05", "n01", "n04", "n02", "n03"]
     write_image_folder(tmp_path, classes)
-    dm = ImageNetSubsetDataModule(root=str(tmp_path), num_classes=3, image_size=32, batch_size=6)
+    dm = ImageNetSubsetDataModule(root=str(tmp_path), num_classes=3, image_size=32, batch_size=6, val_size=0)
     assert (dm.num_classes, dm.image_size, dm.in_chans) == (3, 32, 3)
     dm.setup()
     train_folder, val_folder = dm.train_set.base, dm.test_set.base
@@ -430,6 +539,18 @@ def test_imagenet_subset_takes_first_sorted_classes(tmp_path):
     assert x.shape == (6, 3, 32, 32) and sorted(y.tolist()) == [0, 0, 1, 1, 2, 2]
     x_val, _ = dm.test_set[0]
     assert x_val.shape == (3, 32, 32) and 0 <= x_val.min() and x_val.max() <= 1
+
+
+def test_imagenet_subset_val_split_is_carved_from_train_folder(tmp_path):
+    write_image_folder(tmp_path, ["n01", "n02", "n03"], per_class=4)
+    dm = ImageNetSubsetDataModule(root=str(tmp_path), num_classes=3, image_size=32, val_size=0.25)
+    dm.setup()
+    assert_val_carved_from_train(dm, 12, 3)
+    val_paths = {dm.val_set.base.samples[i][0] for i in dm.val_set.indices}
+    train_paths = {dm.train_set.base.samples[i][0] for i in dm.train_set.indices}
+    assert all(Path(p).parts[-3] == "train" for p in val_paths)  # ImageNet's val/ folder is the test split
+    assert not val_paths & train_paths and len(val_paths | train_paths) == 12
+    assert sorted(int(dm.val_set[i][1]) for i in range(3)) == [0, 1, 2]  # stratified: one per class
 
 
 def test_imagenet_subset_errors(tmp_path):
@@ -484,6 +605,8 @@ def test_configs_instantiate(tmp_path, name):
     dm = instantiate_named(cfg)
     assert isinstance(dm, DATAMODULES[name]) and dm.name == name == cfg.name
     assert (dm.seed, dm.batch_size, dm.eval_batch_size) == (5, 128, 128)
+    # Validation is carved from the training images with a fixed seed, never the run's ${seed}.
+    assert (dm.val_size, dm.split_seed) == (0.04 if name == "imagenet_subset" else 0.1, 0)
     assert dm.num_workers == (0 if name in ("digits", "fashion_mnist") else 4)
     if name in ("cifar10", "cifar100"):
         assert dm.root == tmp_path / name and dm.download is False

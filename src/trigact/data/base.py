@@ -1,31 +1,37 @@
 """The contract every trigact datamodule fulfils, and the loaders built from it.
 
-Subclasses only say how to build their three datasets; this class owns batching, seeding and the
-sharding rules, so that every dataset family is shuffled, resumed and split across ranks the same way.
+Subclasses only say how to build their four datasets; this class owns batching, seeding, the
+validation carve and the sharding rules, so that every dataset family is split, shuffled, resumed
+and spread across ranks the same way.
 """
 
 from __future__ import annotations
 
 from functools import partial
-from typing import NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
+from trigact.data.views import TransformedDataset
 from trigact.errors import TrigactError
 
 
 class DatasetSplits(NamedTuple):
-    """The three views a datamodule serves.
+    """The four views a datamodule serves.
 
     `train_eval` holds the train images with eval transforms: the trigger update and the
-    train-accuracy pass must see the images as they are, not augmented.
+    train-accuracy pass must see the images as they are, not augmented. `val` is carved out of the
+    training data (see `validation_indices`), disjoint from `train`/`train_eval`, with eval
+    transforms; model selection uses it, so that the test split is left for the final tables.
     """
 
     train: Dataset
     train_eval: Dataset
+    val: Dataset
     test: Dataset
 
 
@@ -34,6 +40,48 @@ def check_positive_int(key: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise TrigactError(f"{key} must be a positive integer, got {value!r}")
     return value
+
+
+def check_val_size(value) -> int | float:
+    """`value` if it is an image count (int >= 0) or a fraction in [0, 1), else a one-line TrigactError."""
+    count = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    fraction = isinstance(value, float) and 0 <= value < 1  # NaN fails the comparison too
+    if not (count or fraction):
+        raise TrigactError(
+            f"data.val_size={value!r}: expected a number of training images (integer >= 0) or a fraction "
+            "of the training split in [0, 1); 0 means no validation split"
+        )
+    return value
+
+
+def validation_indices(labels: Sequence[int], val_size: int | float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train_indices, val_indices) into a training split with these `labels`, both sorted.
+
+    `val_size` is a count, or a fraction of `len(labels)` rounded to the nearest count (at least
+    one). Stratified: after a seeded shuffle, the indices are grouped by class and the validation
+    images are taken at evenly spaced places, so each class gives its share to within one image.
+    Depends only on (labels, val_size, seed): a fixed split, not drawn from the training seed.
+    """
+    labels = np.asarray(labels)
+    n = len(labels)
+    n_val = val_size if isinstance(val_size, int) else (max(1, round(val_size * n)) if val_size > 0 else 0)
+    if n_val > 0 and n_val >= n:
+        raise TrigactError(
+            f"data.val_size={val_size!r} asks for {n_val} validation images but the training split has only "
+            f"{n}; lower data.val_size (0 means no validation split)"
+        )
+    if n_val == 0:
+        return np.arange(n), np.arange(0)
+    order = np.random.default_rng(seed).permutation(n)
+    order = order[np.argsort(labels[order], kind="stable")]  # class blocks, shuffled within each
+    picks = order[((2 * np.arange(n_val) + 1) * n) // (2 * n_val)]  # evenly spaced, centred
+    val = np.sort(picks)
+    return np.setdiff1d(np.arange(n), val), val
+
+
+def shard_indices(n: int, rank: int, world_size: int) -> range:
+    """Rank `rank`'s strided shard of `n` items: every item on exactly one rank, none repeated."""
+    return range(rank, n, world_size)
 
 
 def download_error(title: str, root, expected: str, err: BaseException) -> TrigactError:
@@ -63,12 +111,42 @@ class EpochSeededSampler(DistributedSampler):
         self.loader_generator.manual_seed((self.seed * 1_000_003 + epoch) % 2**63)
 
 
+class EvalShardSampler(DistributedSampler):
+    """This rank's strided shard `range(rank, N, world_size)` of an evaluation set, without padding.
+
+    Under DDP, Lightning puts torch's DistributedSampler into any loader that has none; it pads the
+    last shard with repeated images, so accuracy would count some images twice. A DistributedSampler
+    of our own is kept as it is. The shards differ in length by at most one, so ranks may run
+    different numbers of batches: the eval metrics are torchmetrics states (counts) that are summed
+    over ranks once, at epoch end, so no rank waits for a batch another rank does not have, as long
+    as every rank has at least one batch (checked here).
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, what: str = "the evaluation split") -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        n = len(dataset)
+        if 0 < n < num_replicas:
+            raise TrigactError(
+                f"{what} has {n} images for {num_replicas} DDP processes; each process needs at least one"
+            )
+        self.total_size = n
+        self.num_samples = len(shard_indices(n, rank, num_replicas))
+
+    def __iter__(self):
+        return iter(shard_indices(self.total_size, self.rank, self.num_replicas))
+
+
 class TrigactDataModule(L.LightningDataModule):
     """Base LightningDataModule: images are float tensors in [0, 1], shape (C, H, W), unnormalized.
 
     Subclasses set `name`, `num_classes`, `in_chans`, `image_size`, `mean` and `std` by the end of
     `__init__` without touching the dataset files, because the model (whose first layer normalizes
     with `mean`/`std`) is built before `setup` runs. They implement `build_splits`.
+
+    `val_size` images (a count, or a fraction of the training split) are carved out of the training
+    data with the fixed `split_seed`, stratified (`validation_indices`); train and train-eval keep
+    only the rest. `val_size=0` gives an empty `val_set`, and `val_dataloader` then yields no
+    loader, so Lightning skips validation.
 
     Hyperparameters are plain attributes, not `save_hyperparameters()`, to keep checkpoints lean;
     the Hydra config is the record of how a run was built.
@@ -89,6 +167,8 @@ class TrigactDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         pin_memory: bool = False,
+        val_size: int | float = 0.1,
+        split_seed: int = 0,
     ) -> None:
         super().__init__()
         self.batch_size = check_positive_int("data.batch_size", batch_size)
@@ -97,25 +177,45 @@ class TrigactDataModule(L.LightningDataModule):
         )
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
             raise TrigactError(f"data.num_workers must be an integer >= 0, got {num_workers!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TrigactError(f"data.seed must be an integer, got {seed!r}")
+        for key, value in (("data.seed", seed), ("data.split_seed", split_seed)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TrigactError(f"{key} must be an integer, got {value!r}")
+        self.val_size = check_val_size(val_size)
+        self.split_seed = split_seed
         self.num_workers = num_workers
         self.seed = seed
         self.pin_memory = bool(pin_memory)
         self.train_set: Dataset | None = None
         self.train_eval_set: Dataset | None = None
+        self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
 
     def build_splits(self) -> DatasetSplits:
-        """Load the data and return its train / train-eval / test views. Called once, by `setup`."""
+        """Load the data and return its train / train-eval / val / test views. Called once, by `setup`."""
         raise NotImplementedError(f"{type(self).__name__} must implement build_splits()")
+
+    def carve_validation(
+        self, base: Dataset, labels: Sequence[int], train_transform: Callable, eval_transform: Callable
+    ) -> tuple[Dataset, Dataset, Dataset]:
+        """(train, train_eval, val) views of the training data `base` (labels `labels`).
+
+        The validation images are seen with `eval_transform`, like the test images; the other two
+        views hold only the remaining images.
+        """
+        train_idx, val_idx = validation_indices(labels, self.val_size, self.split_seed)
+        return (
+            TransformedDataset(base, train_transform, train_idx),
+            TransformedDataset(base, eval_transform, train_idx),
+            TransformedDataset(base, eval_transform, val_idx),
+        )
 
     def setup(self, stage: str | None = None) -> None:
         """Build the datasets once; later calls (fit, then test) reuse them."""
         if self.train_set is not None:
             return
         splits = self.build_splits()
-        self.train_set, self.train_eval_set, self.test_set = splits.train, splits.train_eval, splits.test
+        self.train_set, self.train_eval_set = splits.train, splits.train_eval
+        self.val_set, self.test_set = splits.val, splits.test
 
     def _world(self) -> tuple[int, int]:
         """(world_size, global_rank) of the attached trainer, or a single process without one."""
@@ -174,23 +274,31 @@ class TrigactDataModule(L.LightningDataModule):
         return self._loader(self.train_set, self.batch_size, generator=generator, persistent_workers=False,
                             sampler=sampler)
 
-    def val_dataloader(self) -> DataLoader:
-        """The test split: the paper reports test accuracy and has no separate validation split."""
-        return self.test_dataloader()
+    def _eval_loader(self, dataset: Dataset, what: str) -> DataLoader:
+        """In order; under DDP this rank's shard, every image counted exactly once (`EvalShardSampler`)."""
+        world_size, rank = self._world()
+        return self._loader(dataset, self.eval_batch_size, sampler=EvalShardSampler(dataset, world_size, rank, what))
+
+    def val_dataloader(self) -> DataLoader | list:
+        """The validation split carved from the training data; no loader (validation skipped) when it is empty."""
+        self._require_setup()
+        if len(self.val_set) == 0:
+            return []
+        return self._eval_loader(self.val_set, f"the validation split (data.val_size={self.val_size!r})")
 
     def test_dataloader(self) -> DataLoader:
         self._require_setup()
-        return self._loader(self.test_set, self.eval_batch_size, shuffle=False)
+        return self._eval_loader(self.test_set, "the test split")
 
     def trigger_dataloader(self, rank: int = 0, world_size: int = 1) -> DataLoader:
         """This rank's shard of the un-augmented train set, for the learnable-trigger update pass.
 
-        Strided indices `range(rank, N, world_size)` instead of a DistributedSampler: no padding
-        duplicates, so gradients summed over ranks equal the single-process sum exactly.
+        Strided indices `range(rank, N, world_size)` (`shard_indices`) instead of a padding
+        DistributedSampler: no duplicates, so gradients summed over ranks equal the single-process sum exactly.
         """
         self._require_setup()
         check_positive_int("world_size", world_size)
         if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
             raise TrigactError(f"rank must be an integer in [0, {world_size}), got {rank!r}")
-        shard = Subset(self.train_eval_set, range(rank, len(self.train_eval_set), world_size))
+        shard = Subset(self.train_eval_set, shard_indices(len(self.train_eval_set), rank, world_size))
         return self._loader(shard, self.eval_batch_size, shuffle=False)

@@ -15,8 +15,8 @@ from trigact.errors import TrigactError
 class CIFARDataModule(TrigactDataModule):
     """Shared body of the two CIFAR datamodules: 3x32x32 images read by a torchvision dataset class.
 
-    The images stay in memory once (uint8, inside the torchvision dataset); train and train-eval
-    are two transform views of it.
+    The images stay in memory once (uint8, inside the torchvision dataset); train, train-eval and
+    val (carved from the 50k training images) are transform views of it.
     """
 
     dataset_cls: type[CIFAR10]
@@ -25,7 +25,7 @@ class CIFARDataModule(TrigactDataModule):
     image_size = 32
 
     def __init__(self, root: str, download: bool = False, **loader_kwargs) -> None:
-        """`loader_kwargs`: batch_size, eval_batch_size, num_workers, seed, pin_memory (see base)."""
+        """`loader_kwargs`: batch_size, eval_batch_size, num_workers, seed, pin_memory, val_size, split_seed (base)."""
         super().__init__(**loader_kwargs)
         self.root = Path(root)
         self.download = bool(download)
@@ -57,15 +57,12 @@ class CIFARDataModule(TrigactDataModule):
         augment = transforms.Compose(
             [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(), transforms.ToTensor()]
         )
-        return DatasetSplits(
-            train=TransformedDataset(train_base, augment),
-            train_eval=TransformedDataset(train_base, to_tensor),
-            test=TransformedDataset(test_base, to_tensor),
-        )
+        train, train_eval, val = self.carve_validation(train_base, train_base.targets, augment, to_tensor)
+        return DatasetSplits(train=train, train_eval=train_eval, val=val, test=TransformedDataset(test_base, to_tensor))
 
 
 class CIFAR10DataModule(CIFARDataModule):
-    """CIFAR-10: 50k train / 10k test, 10 classes."""
+    """CIFAR-10: 50k train (of which val_size for validation) / 10k test, 10 classes."""
 
     dataset_cls = CIFAR10
     title = "CIFAR-10"
@@ -76,7 +73,7 @@ class CIFAR10DataModule(CIFARDataModule):
 
 
 class CIFAR100DataModule(CIFARDataModule):
-    """CIFAR-100: 50k train / 10k test, 100 fine classes."""
+    """CIFAR-100: 50k train (of which val_size for validation) / 10k test, 100 fine classes."""
 
     dataset_cls = CIFAR100
     title = "CIFAR-100"

@@ -10,7 +10,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch.utils.data import TensorDataset
 
-from trigact.data.base import DatasetSplits, TrigactDataModule, check_positive_int
+from trigact.data.base import DatasetSplits, TrigactDataModule, check_positive_int, validation_indices
 from trigact.errors import TrigactError
 
 
@@ -41,7 +41,9 @@ def load_digits_split(
 class DigitsDataModule(TrigactDataModule):
     """1797 grey 8x8 digits (values 0..16 scaled to [0, 1]), resized once to `image_size`, kept in memory.
 
-    No augmentation. `mean`/`std` are computed in `__init__` from the train split at the chosen
+    No augmentation. The test split is a fixed stratified `test_fraction` (`split_seed`); the
+    validation split (`val_size`, see the base class) is carved out of the rest with the same seed.
+    `mean`/`std` are computed in `__init__` from the images left for training, at the chosen
     `image_size` (resizing changes the std). That is cheap: the data ships inside scikit-learn and
     loads in milliseconds, and the cached tensors are reused by `setup`.
     """
@@ -53,25 +55,25 @@ class DigitsDataModule(TrigactDataModule):
     def __init__(
         self,
         image_size: int = 16,
-        split_seed: int = 0,
         test_fraction: float = 0.2,
         **loader_kwargs,
     ) -> None:
-        """`loader_kwargs`: batch_size, eval_batch_size, num_workers, seed, pin_memory (see base)."""
+        """`loader_kwargs`: batch_size, eval_batch_size, num_workers, seed, pin_memory, val_size, split_seed (base)."""
         super().__init__(**loader_kwargs)
         self.image_size = check_positive_int("data.image_size", image_size)
-        if isinstance(split_seed, bool) or not isinstance(split_seed, int):
-            raise TrigactError(f"data.split_seed must be an integer, got {split_seed!r}")
         if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:
             raise TrigactError(f"data.test_fraction must be a number strictly between 0 and 1, got {test_fraction!r}")
-        self.split_seed = split_seed
         self.test_fraction = float(test_fraction)
-        x_train = load_digits_split(self.image_size, self.split_seed, self.test_fraction)[0]
-        self.mean = (x_train.mean().item(),)
-        self.std = (x_train.std().item(),)
+        x_train, y_train, _, _ = load_digits_split(self.image_size, self.split_seed, self.test_fraction)
+        self._train_idx, self._val_idx = (
+            torch.from_numpy(i) for i in validation_indices(y_train.numpy(), self.val_size, self.split_seed)
+        )
+        self.mean = (x_train[self._train_idx].mean().item(),)
+        self.std = (x_train[self._train_idx].std().item(),)
 
     def build_splits(self) -> DatasetSplits:
         x_train, y_train, x_test, y_test = load_digits_split(self.image_size, self.split_seed, self.test_fraction)
-        train = TensorDataset(x_train, y_train)
+        train = TensorDataset(x_train[self._train_idx], y_train[self._train_idx])
+        val = TensorDataset(x_train[self._val_idx], y_train[self._val_idx])
         # Without augmentation the train view and the train-eval view are the same data.
-        return DatasetSplits(train=train, train_eval=train, test=TensorDataset(x_test, y_test))
+        return DatasetSplits(train=train, train_eval=train, val=val, test=TensorDataset(x_test, y_test))

@@ -42,7 +42,7 @@ class FashionMNISTDataModule(TrigactDataModule):
         image_size: int = NATIVE_SIZE,
         **loader_kwargs,
     ) -> None:
-        """`loader_kwargs`: batch_size, eval_batch_size, num_workers, seed, pin_memory (see base)."""
+        """`loader_kwargs`: batch_size, eval_batch_size, num_workers, seed, pin_memory, val_size, split_seed (base)."""
         super().__init__(**loader_kwargs)
         self.root = Path(root)
         self.download = bool(download)
@@ -116,8 +116,5 @@ class FashionMNISTDataModule(TrigactDataModule):
             raise self._missing_error()
         train_base, test_base = self._load_split(files, "train"), self._load_split(files, "test")
         train_tf, eval_tf = self._transforms()
-        return DatasetSplits(
-            train=TransformedDataset(train_base, train_tf),
-            train_eval=TransformedDataset(train_base, eval_tf),
-            test=TransformedDataset(test_base, eval_tf),
-        )
+        train, train_eval, val = self.carve_validation(train_base, train_base.tensors[1], train_tf, eval_tf)
+        return DatasetSplits(train=train, train_eval=train_eval, val=val, test=TransformedDataset(test_base, eval_tf))

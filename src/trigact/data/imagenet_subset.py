@@ -38,7 +38,8 @@ class ImageNetSubsetDataModule(TrigactDataModule):
     """`<root>/train/<class>/*.JPEG` and `<root>/val/<class>/*.JPEG`, first `num_classes` classes.
 
     Standard ImageNet preprocessing: RandomResizedCrop + flip for training; resize to 256/224 of
-    `image_size` and center-crop for evaluation.
+    `image_size` and center-crop for evaluation. The `val/` folder serves as the test split; the
+    validation split is carved out of `train/` (`val_size`, stratified per class).
     """
 
     name = "imagenet_subset"
@@ -47,7 +48,7 @@ class ImageNetSubsetDataModule(TrigactDataModule):
     std = (0.229, 0.224, 0.225)
 
     def __init__(self, root: str, num_classes: int = 100, image_size: int = 224, **loader_kwargs) -> None:
-        """`loader_kwargs`: batch_size, eval_batch_size, num_workers, seed, pin_memory (see base)."""
+        """`loader_kwargs`: batch_size, eval_batch_size, num_workers, seed, pin_memory, val_size, split_seed (base)."""
         super().__init__(**loader_kwargs)
         self.root = Path(root)
         self.num_classes = check_positive_int("data.num_classes", num_classes)
@@ -81,8 +82,6 @@ class ImageNetSubsetDataModule(TrigactDataModule):
         evaluate = transforms.Compose(
             [transforms.Resize(int(size * 256 / 224)), transforms.CenterCrop(size), transforms.ToTensor()]
         )
-        return DatasetSplits(
-            train=TransformedDataset(train_base, augment),
-            train_eval=TransformedDataset(train_base, evaluate),
-            test=TransformedDataset(val_base, evaluate),
-        )
+        # ImageNet's own "val" folder is this datamodule's test split; validation is carved from train/.
+        train, train_eval, val = self.carve_validation(train_base, train_base.targets, augment, evaluate)
+        return DatasetSplits(train=train, train_eval=train_eval, val=val, test=TransformedDataset(val_base, evaluate))

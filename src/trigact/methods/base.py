@@ -37,7 +37,10 @@ class ClassifierModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.num_classes = int(num_classes if num_classes is not None else net.spec["num_classes"])
-        # One metric object per (stage, input kind): torchmetrics syncs them across DDP ranks.
+        # One metric object per (stage, input kind). Their states are counts (and sums, for the mean
+        # below) that torchmetrics sums over the DDP ranks when Lightning computes them at epoch end,
+        # so ranks may run different numbers of batches, and, since the eval loaders shard without
+        # padding (trigact.data.base.EvalShardSampler), val/test accuracy equals one process's exactly.
         self.metrics = nn.ModuleDict(
             {
                 f"{stage}_{kind}": MulticlassAccuracy(self.num_classes, average="micro")
