@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 from hydra import compose, initialize_config_dir
 
@@ -20,7 +21,8 @@ from trigact.evaluation.selection import find_runs, run_label
 from trigact.train import CONF_DIR
 
 SURROGATES = "[digits/standard/lenet/*/s0,digits/standard/tiny_resnet]"
-COMMON = ["attacks=[pgd,mifgsm]", "attack_overrides.eps=32/255", "attack_overrides.steps=3"]
+# The demo's banks: found by the attack settings and n_eval they were crafted with.
+COMMON = ["attacks=[pgd,mifgsm]", "attack_overrides.eps=32/255", "attack_overrides.steps=3", "n_eval=60"]
 
 
 def compose_entry(name, root, overrides):
@@ -138,7 +140,7 @@ def test_attack_reuses_the_pipelines_banks(shrunk_demo, tmp_path, capsys):
     from trigact.attack import run_attack
 
     root = registry_copy(shrunk_demo, tmp_path)
-    rows = run_entry("attack", root, [f"surrogates={SURROGATES}", *COMMON, "n_eval=60"], run_attack)
+    rows = run_entry("attack", root, [f"surrogates={SURROGATES}", *COMMON], run_attack)
     assert capsys.readouterr().out.count("reusing TAE bank") == 4
     assert [(r["surrogate"], r["attack"]) for r in rows] == [
         ("lenet standard s0", "pgd"), ("lenet standard s0", "mifgsm"),
@@ -146,7 +148,7 @@ def test_attack_reuses_the_pipelines_banks(shrunk_demo, tmp_path, capsys):
     assert all(r["n"] == 60 and 0 <= r["white-box success"] <= 1 for r in rows)
 
 
-def test_attack_crafts_a_missing_bank_and_refuses_another_n_eval(shrunk_demo, tmp_path, capsys):
+def test_attack_crafts_a_missing_bank_and_another_for_another_n_eval(shrunk_demo, tmp_path, capsys):
     from trigact.attack import run_attack
 
     root = registry_copy(shrunk_demo, tmp_path)
@@ -154,9 +156,12 @@ def test_attack_crafts_a_missing_bank_and_refuses_another_n_eval(shrunk_demo, tm
             "attack_overrides.steps=2", "n_eval=60", "progress=false"]
     rows = run_entry("attack", root, over, run_attack)
     assert capsys.readouterr().out.count("TAE bank written") == 2 and len(rows) == 2
-    over[-2] = "n_eval=40"
-    with pytest.raises(TrigactError, match="holds 60 images but 40 were asked for"):
-        run_entry("attack", root, over, run_attack)
+    over[-2] = "n_eval=40"  # banks are keyed by n_eval: another one is another bank, the first stays
+    rows = run_entry("attack", root, over, run_attack)
+    assert capsys.readouterr().out.count("TAE bank written") == 2 and all(r["n"] == 40 for r in rows)
+    over[-2] = "n_eval=60"
+    run_entry("attack", root, over, run_attack)
+    assert capsys.readouterr().out.count("reusing TAE bank") == 2
 
 
 def test_evaluate_agrees_with_the_pipeline_cell_for_cell(shrunk_demo, tmp_path):
@@ -222,9 +227,39 @@ def test_evaluate_cli_errors_are_one_line(shrunk_demo, tmp_path):
     missing_bank = cli("trigact.evaluate", *base, "victims=[digits/standard/small_cnn]", "attacks=[ifgsm]",
                        "attack_overrides.steps=7", cwd=tmp_path)
     whitebox = cli("trigact.evaluate", *base, "victims=[digits/standard/lenet]", "attacks=[pgd]",
-                   "attack_overrides.steps=3", cwd=tmp_path)
+                   "attack_overrides.steps=3", "n_eval=60", cwd=tmp_path)
     for proc, expected in ((missing_bank, "no TAE bank for surrogate lenet standard s0 and attack ifgsm"),
                            (whitebox, "is surrogate lenet standard s0: that is a white-box attack")):
         assert proc.returncode == 2, proc.stderr
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and expected in lines[0], proc.stderr
+
+
+def test_pipeline_and_evaluate_write_the_same_table_clean_row_included(shrunk_demo, tmp_path):
+    """One definition of clean accuracy: the banks' own (quantized) clean images, in both entry points.
+
+    Digits pixels are k/16, not multiples of 1/255, so the unquantized test images differ from them.
+    """
+    from omegaconf import OmegaConf
+
+    from trigact.evaluate import run_evaluate
+    from trigact.data import DigitsDataModule
+    from trigact.evaluation.bank import dequantize, quantize
+
+    root, _ = shrunk_demo
+    bank = next((root / "outputs" / "advbank").rglob("bank.pt"))
+    clean = torch.load(bank, weights_only=True)["x_clean"]
+    dm = DigitsDataModule(image_size=16)  # the demo's data
+    dm.setup()
+    test_images = torch.stack([dm.test_set[i][0] for i in range(len(clean))])
+    assert torch.equal(quantize(test_images), clean) and not torch.equal(dequantize(clean), test_images)
+    victims = {"No defense": ["digits/standard/small_cnn"],
+               "Fixed trigger (eps 32/255)": ["digits/trigger_activation/small_cnn/fixed-*/s0"],
+               "Learnable trigger (alpha 16/255)": ["digits/trigger_activation/small_cnn/learnable-*/s0"]}
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="evaluate", overrides=[
+            f"paths.root_dir={root}", f"surrogates={SURROGATES}", "victims=[x]", *COMMON,
+            f"results_dir={tmp_path / 'evaluate'}"])
+        OmegaConf.update(cfg, "victims", victims, merge=False)
+        _, _, out = run_evaluate(cfg)
+    assert (out / "table.md").read_text() == (root / "outputs" / "pipeline" / "demo" / "table.md").read_text()

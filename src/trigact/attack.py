@@ -2,9 +2,9 @@
 
 Surrogates are picked by bundle, run folder, glob or Hydra sweep folder (see
 :mod:`trigact.evaluation.selection`). One bank per (surrogate, attack) on the first ``n_eval`` test
-images of the surrogates' dataset, in ``<output_dir>/advbank/``; existing complete banks are reused,
-never redone, so this is also how a pipeline's banks are found again. Ends with a table of each bank's
-white-box success rate on its own surrogate.
+images of the surrogates' dataset (validation images with ``split=val``), in ``<output_dir>/advbank/``;
+existing complete banks are reused, never redone, so this is also how a pipeline's banks are found
+again. Ends with a table of each bank's white-box success rate on its own surrogate.
 """
 
 from __future__ import annotations
@@ -15,8 +15,11 @@ import hydra
 from omegaconf import DictConfig
 
 from trigact.cli import quiet_libraries, user_errors
-from trigact.evaluation.selection import as_dict, select
-from trigact.evaluation.transfer import bank_rows, craft_banks, data_config_of, evaluation_images
+from trigact.errors import check_steps
+from trigact.evaluation.selection import as_dict, check_seed, select
+from trigact.evaluation.transfer import (
+    attack_config, bank_rows, check_n_eval, check_split, craft_banks, data_config_of, evaluation_images,
+)
 from trigact.runs import register_resolvers
 from trigact.tracking import job_run, log_tables
 from trigact.train import CONF_DIR
@@ -25,13 +28,19 @@ register_resolvers()
 
 
 def run_attack(cfg: DictConfig) -> list[dict]:
+    # Every setting is checked before the surrogates and the data load, and before the first bank.
+    batch_size, seed = check_steps(cfg.batch_size, "batch_size"), check_seed(cfg.seed, "seed")
+    n_eval, split = check_n_eval(cfg.get("n_eval")), check_split(cfg.get("split", "test"))
+    overrides, data_overrides = as_dict(cfg.get("attack_overrides")), as_dict(cfg.get("data_overrides"))
+    for attack in cfg.attacks:
+        attack_config(CONF_DIR, attack, overrides)
     surrogates = select(cfg, "surrogates")
     data_cfg = data_config_of(surrogates)
-    images = evaluation_images(data_cfg, cfg.get("n_eval"), as_dict(cfg.get("data_overrides")))
+    images = evaluation_images(data_cfg, n_eval, data_overrides, split=split)
     banks = craft_banks(
         cfg.paths.output_dir, data_cfg["name"], images, surrogates, list(cfg.attacks), CONF_DIR,
-        overrides=as_dict(cfg.get("attack_overrides")), batch_size=int(cfg.batch_size), seed=int(cfg.seed),
-        progress=bool(cfg.get("progress", True)),
+        overrides=overrides, batch_size=batch_size, seed=seed, progress=bool(cfg.get("progress", True)),
+        n_eval=n_eval, split=split, data_overrides=data_overrides,
     )
     rows = bank_rows(banks)
     run = job_run(cfg, "attack", f"attack-{data_cfg['name']}", Path(cfg.paths.output_dir))

@@ -5,9 +5,12 @@ Victims and surrogates are picked by bundle, run folder, glob or Hydra sweep fol
 ``group -> patterns`` (one column per group, averaged over its runs: the paper's Eq. 7, e.g. seeds).
 ``defense=<name>`` (conf/defense/) puts a preprocessing defense in front of every victim.
 
-The banks must exist (``python -m trigact.attack`` or the pipeline made them); evaluate never
-crafts. Clean accuracy is measured on the banks' own clean images, so no dataset is needed here.
-Writes ``matrix.csv``, ``table.md``, ``robustness.png`` and ``victims.json`` to ``results_dir``.
+The banks must exist (``python -m trigact.attack`` or the pipeline made them), and are found by the
+settings they were crafted with (``attacks``, ``attack_overrides``, ``seed``, ``n_eval``, ``split``,
+``data_overrides``); evaluate never crafts. Clean accuracy is measured on the banks' own clean
+images (:func:`score_victims`, shared with the pipeline), so no dataset is needed here. Writes
+``matrix.csv``, ``table.md``, ``robustness.png`` and ``victims.json`` to ``results_dir``
+(``<output_dir>/evaluate/<name>``).
 """
 
 from __future__ import annotations
@@ -19,10 +22,15 @@ from omegaconf import DictConfig
 from torch.utils.data import TensorDataset
 
 from trigact.cli import quiet_libraries, user_errors
-from trigact.errors import TrigactError
-from trigact.evaluation.selection import as_dict, compose_train, find_runs, plain, select, unique_labels
+from trigact.errors import TrigactError, check_steps
+from trigact.evaluation.bank import Bank
+from trigact.evaluation.matrix import RobustnessMatrix
+from trigact.evaluation.selection import (
+    as_dict, check_name, check_seed, compose_train, find_runs, plain, select, unique_labels,
+)
 from trigact.evaluation.transfer import (
-    data_config_of, defend, evaluate_victims, load_banks, robustness_tables, victim_record, write_results,
+    check_n_eval, check_split, data_config_of, defend, evaluate_victims, load_banks, robustness_tables, victim_record,
+    write_results,
 )
 from trigact.tracking import job_run, log_tables
 from trigact.runs import register_resolvers
@@ -41,14 +49,29 @@ def victim_columns(cfg: DictConfig) -> dict[str, dict]:
     raise TrigactError("victims must be a list of runs (one column each) or a mapping group -> runs")
 
 
+def score_victims(victims, surrogates, banks: dict[tuple[str, str], Bank], **kwargs) -> RobustnessMatrix:
+    """The transfer matrix of ``victims`` against ``banks``, with clean accuracy on the banks' own
+    clean images: quantized to uint8 like the TAEs (what a saved image file gives), so the Clean row
+    and the attack rows of a table are measured on the same pixels. ``evaluate`` and ``pipeline``
+    both score through here, so they write identical tables for the same runs and banks.
+    ``kwargs``: those of :func:`~trigact.evaluation.transfer.evaluate_victims`."""
+    first = next(iter(banks.values()))  # every bank holds the same clean images (check_same_images)
+    return evaluate_victims(victims, surrogates, banks, TensorDataset(first.x_clean, first.y), **kwargs)
+
+
 def run_evaluate(cfg: DictConfig):
+    # Settings first: a bad one must not wait for every bundle and bank to load.
+    check_name(cfg.name, "name")  # a folder name under outputs/evaluate, not a path out of it
+    batch_size = check_steps(cfg.batch_size, "batch_size")
+    # What the banks were crafted with: they are found by it.
+    seed, n_eval, split = check_seed(cfg.seed, "seed"), check_n_eval(cfg.get("n_eval")), check_split(cfg.get("split", "test"))
     surrogates = select(cfg, "surrogates")
     columns = victim_columns(cfg)
     everyone = {**surrogates, **{n: m for group in columns.values() for n, m in group.items()}}
     data_name = data_config_of(everyone)["name"]
     banks = load_banks(cfg.paths.output_dir, data_name, surrogates, list(cfg.attacks), CONF_DIR,
-                       as_dict(cfg.get("attack_overrides")))
-    first = next(iter(banks.values()))
+                       as_dict(cfg.get("attack_overrides")), seed=seed, n_eval=n_eval, split=split,
+                       data_overrides=as_dict(cfg.get("data_overrides")))
     defense = as_dict(cfg.get("defense")) or None
     if defense and defense.get("name") in (None, "none"):
         defense = None
@@ -63,8 +86,8 @@ def run_evaluate(cfg: DictConfig):
             victims[name], runs[name] = defend(model, defense), model.meta.get("path")
             records.append(victim_record(name, column, model, tag))
             groups[column].append(name)
-    matrix = evaluate_victims(victims, surrogates, banks, TensorDataset(first.x_clean, first.y),
-                              allow_whitebox=bool(cfg.allow_whitebox), batch_size=int(cfg.batch_size), victim_runs=runs)
+    matrix = score_victims(victims, surrogates, banks, allow_whitebox=bool(cfg.allow_whitebox),
+                           batch_size=batch_size, victim_runs=runs)
     out = write_results(matrix, groups, records, cfg.results_dir)
     run = job_run(cfg, "eval", f"eval-{Path(out).name}", out)
     if run is not None:

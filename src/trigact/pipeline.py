@@ -3,9 +3,12 @@
 1. train: every run the experiment names (runs whose bundle exists are skipped, so re-running
    resumes where it stopped); ``accuracy.md`` has each model's accuracy with and without its trigger.
 2. attack: when the experiment names ``surrogates`` and ``attacks``, one TAE bank per (surrogate,
-   attack) on the first ``n_eval`` test images (existing banks are reused).
+   attack) on the first ``n_eval`` images of ``pipeline.split`` (``test`` for final tables, ``val``
+   for model selection such as ``hparams_search``); existing banks are reused.
 3. evaluate: every victim (grouped, e.g. one group per defense) against every bank: ``matrix.csv``,
    the paper-style ``table.md`` (Clean, one row per attack, Mean; Eq. 5-7) and ``robustness.png``.
+   Clean accuracy is measured on the banks' own quantized clean images, as ``trigact.evaluate``
+   measures it (:func:`trigact.evaluate.score_victims`), so both write the same table.
 """
 
 from __future__ import annotations
@@ -20,15 +23,17 @@ from omegaconf import DictConfig, OmegaConf
 from trigact import load_bundle
 from trigact.cli import quiet_libraries, user_errors
 from trigact.errors import TrigactError, unknown_name
+from trigact.evaluate import score_victims
+from trigact.evaluation.selection import check_seed
 from trigact.evaluation.transfer import (
-    attack_config, bank_rows, craft_banks, defend, defense_config, evaluate_victims, evaluation_subset, robustness_tables, victim_record,
-    write_results,
+    attack_config, bank_rows, check_n_eval, check_split, craft_banks, defend, defense_config, evaluation_images,
+    robustness_tables, victim_record, write_results,
 )
 from trigact.tracking import job_run, log_tables
 from trigact.io import atomic_write_json, atomic_write_text
 from trigact.runs import register_resolvers
 from trigact.report import markdown_table, print_table
-from trigact.train import BUNDLE_NAME, CONF_DIR, build_datamodule, train
+from trigact.train import BUNDLE_NAME, CONF_DIR, train
 
 register_resolvers()
 
@@ -61,13 +66,15 @@ def quote(value) -> str:
 def run_pipeline(cfg: DictConfig) -> list[dict]:
     if not cfg.get("pipeline") or not cfg.pipeline.get("runs"):
         raise TrigactError("no runs to do: choose an experiment, e.g. experiment=demo (see conf/experiment/)")
+    check_seed(cfg.seed, "seed")  # every run and bank is seeded with it
+    # Composing is cheap: every run's config (and so its run folder) is known before any training.
+    train_cfgs = {name: compose(config_name="train", overrides=run_overrides(cfg, name)) for name in cfg.pipeline.runs}
     if cfg.pipeline.get("attacks"):
-        check_evaluation_plan(cfg)  # before hours of training, not after
-    rows, train_cfgs = [], {}
-    for name in cfg.pipeline.runs:
-        train_cfgs[name] = compose(config_name="train", overrides=run_overrides(cfg, name))
-        print(f"== run {name}: {train_cfgs[name].paths.run_dir}")
-        rows.append({"name": name, **train(train_cfgs[name])})
+        check_evaluation_plan(cfg, {name: c.paths.run_dir for name, c in train_cfgs.items()})  # before hours of training
+    rows = []
+    for name, train_cfg in train_cfgs.items():
+        print(f"== run {name}: {train_cfg.paths.run_dir}")
+        rows.append({"name": name, **train(train_cfg)})
     out = Path(cfg.paths.results_dir)
     atomic_write_text(markdown_table(rows), out / "accuracy.md")
     atomic_write_json(rows, out / "runs.json")
@@ -109,10 +116,15 @@ def victim_groups(cfg: DictConfig) -> dict[str, dict]:
     return parsed
 
 
-def check_evaluation_plan(cfg: DictConfig) -> None:
+def check_evaluation_plan(cfg: DictConfig, run_dirs: dict[str, str] | None = None) -> None:
     """Fail in seconds, not after the training stage, on a mistake in the attack/evaluate plan: no
-    surrogates, a surrogate or victim that is not one of ``pipeline.runs``, an unknown attack or a bad
-    ``attack_overrides`` value, an unknown defense or one that cannot be built (e.g. NRP without weights)."""
+    surrogates, a surrogate or victim that is not one of ``pipeline.runs``, a victim that is a
+    surrogate's run (unless ``pipeline.allow_whitebox``), a bad ``pipeline.n_eval`` or
+    ``pipeline.split``, an unknown attack or a bad ``attack_overrides`` value, an unknown defense or
+    one that cannot be built (e.g. NRP without weights).
+
+    ``run_dirs``: run name -> run folder; two names with one folder are one run (by default each
+    name is its own run)."""
     surrogate_names = list(cfg.pipeline.get("surrogates") or [])
     if not surrogate_names:
         raise TrigactError("pipeline.attacks is set but pipeline.surrogates is empty: name the runs to craft TAEs on")
@@ -120,6 +132,21 @@ def check_evaluation_plan(cfg: DictConfig) -> None:
     for name in surrogate_names + [v for spec in groups.values() for v in spec["runs"]]:
         if name not in cfg.pipeline.runs:
             raise unknown_name("pipeline run", name, list(cfg.pipeline.runs))
+    try:
+        check_n_eval(cfg.pipeline.get("n_eval"))
+        check_split(cfg.pipeline.get("split", "test"))
+    except TrigactError as err:  # "n_eval=... must be": named as the key the user set
+        raise TrigactError(f"pipeline.{err}") from None
+    if not cfg.pipeline.get("allow_whitebox", False):
+        run_of = (lambda name: str(run_dirs[name])) if run_dirs else (lambda name: name)
+        surrogate_of = {run_of(s): s for s in surrogate_names}
+        for group, spec in groups.items():
+            for victim in spec["runs"]:
+                if run_of(victim) in surrogate_of:
+                    raise TrigactError(
+                        f"pipeline.victims.{group}: run {victim} is surrogate {surrogate_of[run_of(victim)]}: that "
+                        "is a white-box attack, not a transfer; set pipeline.allow_whitebox=true to evaluate it anyway"
+                    )
     overrides = OmegaConf.to_container(cfg.pipeline.attack_overrides, resolve=True) if cfg.pipeline.get("attack_overrides") else {}
     for attack in cfg.pipeline.attacks:
         attack_config(CONF_DIR, attack, overrides)
@@ -138,14 +165,13 @@ def attack_and_evaluate(cfg: DictConfig, train_cfgs: dict, out: Path):
         return load_bundle(Path(train_cfgs[name].paths.run_dir) / BUNDLE_NAME)
 
     first = train_cfgs[surrogate_names[0]]
-    datamodule = build_datamodule(first)
-    datamodule.setup()
-    images = evaluation_subset(datamodule.test_set, cfg.pipeline.get("n_eval"))
+    n_eval, split = cfg.pipeline.get("n_eval"), cfg.pipeline.get("split", "test")
+    images = evaluation_images(OmegaConf.to_container(first.data, resolve=True), n_eval, split=split)
     surrogates = {n: deployed(n) for n in surrogate_names}
     banks = craft_banks(
         cfg.paths.output_dir, first.data.name, images, surrogates, list(cfg.pipeline.attacks), CONF_DIR,
         overrides=OmegaConf.to_container(cfg.pipeline.attack_overrides, resolve=True) if cfg.pipeline.get("attack_overrides") else {},
-        seed=cfg.seed,
+        seed=cfg.seed, n_eval=n_eval, split=split,
     )
     if cfg.get("wandb") and cfg.wandb.enabled:
         run = job_run(OmegaConf.merge(cfg, {"wandb": {"group": wandb_group(cfg)}}), "attack",
@@ -166,9 +192,8 @@ def attack_and_evaluate(cfg: DictConfig, train_cfgs: dict, out: Path):
                 victims[name], runs[name] = defend(model, defense), model.meta.get("path")
                 records.append(victim_record(name, group, model, tag))
             columns[group].append(name)
-    matrix = evaluate_victims(
-        victims, surrogates, banks, images, allow_whitebox=cfg.pipeline.get("allow_whitebox", False), victim_runs=runs
-    )
+    matrix = score_victims(victims, surrogates, banks, allow_whitebox=cfg.pipeline.get("allow_whitebox", False),
+                           victim_runs=runs)
     write_results(matrix, columns, records, out)
     if cfg.get("wandb") and cfg.wandb.enabled:
         wandb_cfg = OmegaConf.merge(cfg, {"wandb": {"group": wandb_group(cfg)}})
@@ -181,7 +206,8 @@ def attack_and_evaluate(cfg: DictConfig, train_cfgs: dict, out: Path):
 
 def search_objective(cfg: DictConfig, results_dir) -> float:
     """``hparams_search``'s value for Optuna: the searched run's mean robust accuracy (over attacks
-    and surrogates) when its clean accuracy reaches ``search.clean_floor``, else ``clean - floor`` (< 0)."""
+    and surrogates) when its clean accuracy reaches ``search.clean_floor``, else ``clean - floor`` (< 0).
+    Both are measured on the banks of ``pipeline.split`` (the search sets ``val``: no test image)."""
     import json
 
     run, floor = cfg.search.run, float(cfg.search.clean_floor)
