@@ -67,3 +67,24 @@ class CountEpochs(L.Callback):
         from pathlib import Path
 
         (Path(trainer.default_root_dir) / "epochs_trained.json").write_text(json.dumps(self.epochs))
+
+
+class PoisonAtTrainEnd(L.Callback):
+    """Makes the end of training look diverged: ``what`` = weights (the network's first parameter),
+    trigger (tau) or loss (the logged train/loss) becomes NaN. For the checks before a bundle is written."""
+
+    def __init__(self, what: str):
+        self.what = what
+
+    def on_train_end(self, trainer, pl_module):
+        import torch
+
+        nan = float("nan")
+        if self.what == "weights":
+            next(pl_module.net.parameters()).data.fill_(nan)
+        elif self.what == "trigger":
+            pl_module.trigger.tau.fill_(nan)
+        elif self.what == "loss":
+            trainer.callback_metrics["train/loss"] = torch.tensor(nan)
+        else:
+            raise ValueError(f"what={self.what!r}")

@@ -18,7 +18,7 @@ from trigact import load_bundle
 from trigact.attacks import build_attack
 from trigact.bundle import DeployedModel
 from trigact.cli import user_errors
-from trigact.errors import TrigactError
+from trigact.common.errors import TrigactError
 from trigact.methods import PGDATModule, RATModule, TDATModule, TradesModule
 from trigact.methods.adversarial import linf_pgd, uniform_start
 from trigact.methods.rat import taylor_targets

@@ -6,7 +6,7 @@ import pytest
 
 from trigact.analysis import plot_sweep, sweep_points, sweep_table
 from trigact.analysis.sweep import read_victims
-from trigact.errors import TrigactError
+from trigact.common.errors import TrigactError
 
 
 def record(name, kind, clean, robust, **size):

@@ -16,7 +16,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 
 from conftest import DEMO_SHRINK
-from trigact.errors import TrigactError
+from trigact.common.errors import TrigactError
 from trigact.evaluation.selection import find_runs, run_label
 from trigact.train import CONF_DIR
 
@@ -87,7 +87,8 @@ def test_find_runs_errors_name_the_pattern(shrunk_demo, tmp_path):
 def test_attack_overrides_are_checked_before_use(tmp_path, overrides, expected):
     from types import SimpleNamespace
 
-    from trigact.evaluation.transfer import attack_config, load_banks
+    from trigact.attacks.config import attack_config
+    from trigact.evaluation.crafting import load_banks
 
     surrogate = SimpleNamespace(meta={"path": str(tmp_path / "bundle.pt")})
     for call in (lambda: attack_config(CONF_DIR, "pgd", overrides),

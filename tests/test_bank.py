@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from trigact.attacks import build_attack
-from trigact.errors import TrigactError
+from trigact.common.errors import TrigactError
 from trigact.evaluation.bank import (
     BANK_FILE,
     META_FILE,
@@ -350,7 +350,7 @@ def images():
 
 
 def craft(tmp_path, surrogate, images, **kwargs):
-    from trigact.evaluation.transfer import craft_banks
+    from trigact.evaluation.crafting import craft_banks
     from trigact.train import CONF_DIR
 
     banks = craft_banks(tmp_path / "out", "digits", images, {"s": surrogate}, ["pgd"], CONF_DIR,
@@ -359,7 +359,7 @@ def craft(tmp_path, surrogate, images, **kwargs):
 
 
 def load(tmp_path, surrogate, **kwargs):
-    from trigact.evaluation.transfer import load_banks
+    from trigact.evaluation.crafting import load_banks
     from trigact.train import CONF_DIR
 
     banks = load_banks(tmp_path / "out", "digits", {"s": surrogate}, ["pgd"], CONF_DIR, {"steps": 1}, **kwargs)
@@ -423,15 +423,15 @@ def test_a_retrained_surrogate_gets_a_new_bank(tmp_path, surrogate, images):
 
 
 def test_evaluation_images_reads_the_asked_split(monkeypatch):
-    import trigact.config
-    from trigact.evaluation.transfer import evaluation_images
+    import trigact.common.config
+    from trigact.evaluation.crafting import evaluation_images
 
     class FakeData:
         def setup(self):
             self.test_set = TensorDataset(torch.zeros(6, 1, 2, 2), torch.arange(6))
             self.val_set = TensorDataset(torch.ones(6, 1, 2, 2), torch.arange(6) + 10)
 
-    monkeypatch.setattr(trigact.config, "instantiate_named", lambda node: FakeData())
+    monkeypatch.setattr(trigact.common.config, "instantiate_named", lambda node: FakeData())
     cfg = {"name": "fake"}
     assert [int(evaluation_images(cfg, 3)[i][1]) for i in range(3)] == [0, 1, 2]
     assert [int(evaluation_images(cfg, 3, split="val")[i][1]) for i in range(3)] == [10, 11, 12]

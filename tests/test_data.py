@@ -17,7 +17,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from trigact.config import instantiate_named
+from trigact.common.config import instantiate_named
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -33,7 +33,7 @@ from trigact.data import (
 )
 from trigact.data.base import validation_indices
 from trigact.data.digits import load_digits_split
-from trigact.errors import TrigactError
+from trigact.common.errors import TrigactError
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "data"
 DEBIAN_FASHION_ROOT = Path("/usr/share/datasets/fashion-mnist")

@@ -19,34 +19,64 @@ Why tau matches the single-process run exactly, not only up to a tolerance:
 """
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from helpers_hydra import compose_config
 from trigact import load_bundle
 from trigact.train import train
 
+pytestmark = pytest.mark.slow  # each DDP launch starts 2 processes: about a minute on 2 cores
+
 TESTS_DIR = Path(__file__).resolve().parent
 COMMON = ["data=digits", "data.image_size=8", "model=mlp", "trigger=learnable", "trigger.alpha=8/255",
           "trigger.update.update_fraction=1.0", "trainer.max_epochs=2", "trainer.limit_train_batches=4",
           "trainer.limit_val_batches=2", "trainer.limit_test_batches=2", "trainer.enable_progress_bar=false"]
+DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "data.batch_size=64"]
 
 
-def test_ddp_on_cpu_keeps_tau_identical_across_ranks_and_equal_to_one_process(tmp_path):
-    ddp_root, taus = tmp_path / "ddp", tmp_path / "taus"
+def run_ddp_train(args, tmp_path, timeout=300) -> subprocess.CompletedProcess:
+    """``python -m trigact.train <args>`` in its own process group, with tests/ on PYTHONPATH (for the
+    helpers_hydra callbacks, which rank 1 imports too). On a timeout the whole group is killed: a rank
+    that Lightning started would otherwise outlive the test, waiting for its peer."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")])),
            "WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": str(tmp_path / "wandb_dir"),
            "WANDB_CACHE_DIR": str(tmp_path / "wandb_cache"), "WANDB_CONFIG_DIR": str(tmp_path / "wandb_config")}
-    proc = subprocess.run(
-        [sys.executable, "-m", "trigact.train", *COMMON, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-         "data.batch_size=64", "logger=[csv,wandb]", f"paths.root_dir={ddp_root}",
-         "+callbacks.save_tau._target_=helpers_hydra.SaveTauPerRank", f"+callbacks.save_tau.dirpath={taus}"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-    )
+    proc = subprocess.Popen([sys.executable, "-m", "trigact.train", *args], cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"timed out after {timeout} s (ranks out of step?):\n{stderr[-3000:]}")
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # any rank left behind
+        except ProcessLookupError:
+            pass
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_ddp(tmp_path_factory):
+    """One uninterrupted 2-process run, shared by the tests below: (its root, the per-rank taus, the process)."""
+    tmp_path = tmp_path_factory.mktemp("ddp")
+    ddp_root, taus = tmp_path / "ddp", tmp_path / "taus"
+    proc = run_ddp_train([*COMMON, *DDP, "logger=[csv,wandb]", f"paths.root_dir={ddp_root}",
+                          "+callbacks.save_tau._target_=helpers_hydra.SaveTauPerRank",
+                          f"+callbacks.save_tau.dirpath={taus}"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return ddp_root, taus, proc
+
+
+def test_ddp_on_cpu_keeps_tau_identical_across_ranks_and_equal_to_one_process(uninterrupted_ddp, tmp_path):
+    ddp_root, taus, proc = uninterrupted_ddp
     assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in proc.stderr + proc.stdout
 
     # (a) Every rank ends with the same tau (and weights), bitwise.
@@ -79,3 +109,33 @@ def test_ddp_on_cpu_keeps_tau_identical_across_ranks_and_equal_to_one_process(tm
     assert not torch.equal(single.trigger, torch.zeros_like(single.trigger))
     for (key, a), b in zip(ddp.net.state_dict().items(), single.net.state_dict().values()):
         assert torch.allclose(a, b, rtol=0, atol=1e-6), key  # rounding only (all-reduce vs one batch)
+
+
+def test_a_crashed_ddp_run_is_resumed_by_every_rank_exactly(uninterrupted_ddp, tmp_path):
+    """Every rank crashes when epoch 1 starts; the relaunch (no ckpt_path) must resume on every rank
+    from epoch 0's checkpoint, not only on rank 0 (which alone reads status.json): a rank that starts
+    fresh trains a different number of epochs, with another optimizer state and trigger history."""
+    root = tmp_path / "root"
+    crash = ["+callbacks.crash._target_=helpers_hydra.CrashAtEpochStart", "+callbacks.crash.epoch=1"]
+    crashed = run_ddp_train([*COMMON, *DDP, "logger=none", f"paths.root_dir={root}", *crash], tmp_path)
+    assert crashed.returncode != 0 and "simulated preemption at epoch 1" in crashed.stderr, crashed.stderr[-3000:]
+    assert not list(root.glob("outputs/runs/**/bundle.pt"))
+
+    taus = tmp_path / "taus"
+    resumed = run_ddp_train([*COMMON, *DDP, "logger=none", f"paths.root_dir={root}",
+                             "+callbacks.save_tau._target_=helpers_hydra.SaveTauPerRank",
+                             f"+callbacks.save_tau.dirpath={taus}"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "retrying as attempt 2" in resumed.stdout and "resuming from " in resumed.stdout
+
+    (run_dir,) = {p.parent for p in root.glob("outputs/runs/**/bundle.pt")}
+    straight_dir = next(p.parent for p in uninterrupted_ddp[0].glob("outputs/runs/**/bundle.pt"))
+    assert run_dir.relative_to(root) == straight_dir.relative_to(uninterrupted_ddp[0])  # the same run
+    straight, again = load_bundle(straight_dir / "bundle.pt"), load_bundle(run_dir / "bundle.pt")
+    assert again.meta["trigger_updates"] == straight.meta["trigger_updates"]
+    assert torch.allclose(again.trigger, straight.trigger, rtol=0, atol=1e-6)
+    for (key, a), b in zip(straight.net.state_dict().items(), again.net.state_dict().values()):
+        assert torch.allclose(a, b, rtol=0, atol=1e-6), key
+    # Both ranks ended with rank 0's tau and weights (each trained from the same checkpoint).
+    rank0, rank1 = (torch.load(taus / f"tau_rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert torch.equal(rank0["tau"], rank1["tau"]) and torch.equal(rank0["tau"], again.trigger)

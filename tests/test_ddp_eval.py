@@ -20,7 +20,7 @@ from torch.utils.data import DistributedSampler, TensorDataset
 from trigact import load_bundle
 from trigact.data import DigitsDataModule
 from trigact.data.base import EvalShardSampler
-from trigact.errors import TrigactError
+from trigact.common.errors import TrigactError
 
 TESTS_DIR = Path(__file__).resolve().parent
 

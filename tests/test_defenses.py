@@ -14,7 +14,7 @@ from trigact.defenses import (
     defended,
     list_defenses,
 )
-from trigact.errors import TrigactError
+from trigact.common.errors import TrigactError
 
 CONF_DEFENSE = Path(__file__).resolve().parents[1] / "conf" / "defense"
 

@@ -9,7 +9,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from conftest import DEMO_OVERRIDES, DEMO_SHRINK
-from trigact.errors import TrigactError
+from trigact.common.errors import TrigactError
 from trigact.train import CONF_DIR
 
 # No run matches this: a setting that is checked first fails on its own line, not on this one.

@@ -54,7 +54,7 @@ def test_the_fashion_mnist_experiments_share_runs(tmp_path):
     (["defense=nrp"], "needs weights="),
 ])
 def test_a_bad_evaluation_plan_fails_before_any_training(overrides, message, tmp_path):
-    from trigact.errors import TrigactError
+    from trigact.common.errors import TrigactError
     from trigact.pipeline import run_pipeline
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):

@@ -5,7 +5,13 @@ import stat
 
 import pytest
 
-from trigact.io import _atomic, atomic_torch_save, atomic_write_bytes, atomic_write_json, atomic_write_text
+from trigact.common.io import (
+    _atomic,
+    atomic_torch_save,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+)
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import torch
 import yaml
 from torch import nn
 
-from trigact.errors import TrigactError
+from trigact.common.errors import TrigactError
 from trigact.models import (
     FAMILIES,
     ClassifierNet,

@@ -8,7 +8,10 @@ starts, and ``ckpt_path=last`` up to 4. The learnable trigger updates after epoc
 """
 
 import gzip
+import json
 import random
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +21,8 @@ from helpers_hydra import QUIET, SimulatedPreemption, compose_config
 from trigact import load_bundle
 from trigact.callbacks.rng_state import collect_rng_state, restore_rng_state
 from trigact.errors import TrigactError
-from trigact.train import train
+from trigact.run_status import read_status
+from trigact.train import CHECKPOINT_DIGEST, load_checkpoint, train
 
 CRASH = ["+callbacks.crash._target_=helpers_hydra.CrashAtEpochStart", "+callbacks.crash.epoch=2"]
 
@@ -134,3 +138,146 @@ def test_resuming_from_a_checkpoint_of_another_model_is_a_one_line_error(tmp_pat
         train(compose_config("train", tiny + ["model=small_cnn", f"ckpt_path={checkpoint}"], tmp_path / "cnn"))
     message = str(err.value)
     assert f"checkpoint {checkpoint} was saved from a different model/config" in message and "\n" not in message
+
+
+# ------------------------------------------------------------------ checkpoints are opened safely and checked
+TINY_TA = ["data=digits", "data.image_size=8", "model=mlp", "trigger=learnable", "trigger.alpha=8/255",
+           "trainer.max_epochs=2", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+           "trainer.limit_test_batches=1"] + QUIET
+
+
+class RunsCode:
+    """Pickles as a call of ``open(marker, "w")``: unpickling it creates the marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_a_planted_checkpoint_is_refused_without_running_its_code(tmp_path, monkeypatch):
+    """A crashed attempt makes the next launch open last.ckpt by itself: one that another user of a
+    shared registry planted there must not run anything."""
+    cfg = compose_config("train", TINY_TA, tmp_path)
+    run_dir = Path(cfg.paths.run_dir)
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "status.json").write_text(json.dumps({"state": "crashed", "attempt": 1, "error": "RuntimeError: x"}))
+    marker = tmp_path / "code-ran"
+    planted = run_dir / "checkpoints" / "last.ckpt"
+    torch.save({"state_dict": {}, "epoch": 0, "payload": RunsCode(marker)}, planted)
+    # The control: a plain torch.load of such a file does run the code.
+    control = tmp_path / "control"
+    torch.save({"payload": RunsCode(control)}, tmp_path / "control.ckpt")
+    torch.load(tmp_path / "control.ckpt", weights_only=False)["payload"].close()
+    assert control.exists()
+
+    with pytest.raises(TrigactError) as err:
+        train(cfg)
+    assert not marker.exists()
+    assert str(err.value) == (f"checkpoint {planted} holds pickled objects that are not plain data (io.open); "
+                              "refusing to load it, as it could run code; pass another ckpt_path")
+    assert read_status(run_dir)["state"] == "crashed" and read_status(run_dir)["attempt"] == 2
+
+    # Lightning's own load in Trainer.fit(ckpt_path=...) is as safe, even where torch is told to
+    # default to unsafe loads: shown by skipping our check before fit.
+    import trigact.train
+
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    monkeypatch.setattr(trigact.train, "resolve_checkpoint", lambda request, run_dir, module: str(planted))
+    with pytest.raises(TrigactError, match=r"\(io.open\); refusing to load it"):
+        train(cfg)
+    assert not marker.exists()
+
+
+@pytest.fixture(scope="module")
+def crashed_tiny_run(tmp_path_factory):
+    """A run whose first attempt crashed when epoch 1 started: last.ckpt holds epoch 0."""
+    root = tmp_path_factory.mktemp("crashed")
+    with pytest.raises(SimulatedPreemption):
+        train(compose_config("train", TINY_TA + ["+callbacks.crash._target_=helpers_hydra.CrashAtEpochStart",
+                                                 "+callbacks.crash.epoch=1"], root))
+    return root
+
+
+def copy_of(crashed_root, tmp_path):
+    """A copy of the crashed run (same run folder name under tmp_path): its config and last.ckpt."""
+    root = tmp_path / "root"
+    shutil.copytree(crashed_root, root)
+    cfg = compose_config("train", TINY_TA, root)
+    return cfg, Path(cfg.paths.run_dir) / "checkpoints" / "last.ckpt"
+
+
+def garble_middle(path):
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 256] = torch.randint(0, 256, (256,), generator=torch.Generator().manual_seed(0),
+                                              dtype=torch.uint8).numpy().tobytes()
+    path.write_bytes(bytes(data))
+
+
+def with_nan_weight(path):
+    """Resaved as Lightning alone would (no digest), with one weight NaN: the digest cannot catch it."""
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint.pop(CHECKPOINT_DIGEST, None)
+    next(v for k, v in checkpoint["state_dict"].items() if k.endswith("weight")).view(-1)[0] = float("nan")
+    torch.save(checkpoint, path)
+
+
+def weights_only_checkpoint(path):
+    checkpoint = torch.load(path, weights_only=True)
+    for key in (CHECKPOINT_DIGEST, "optimizer_states", "lr_schedulers", "callbacks"):
+        checkpoint.pop(key, None)
+    torch.save(checkpoint, path)
+
+
+@pytest.mark.parametrize("damage,expected", [
+    (garble_middle, "is corrupt: its contents do not match the sha256 saved in it"),
+    (with_nan_weight, "holds non-finite (NaN or inf) weights in net."),
+    (weights_only_checkpoint, "cannot resume training: it has no optimizer_states, lr_schedulers, callbacks"),
+], ids=["garbled", "nan-weight", "weights-only"])
+def test_a_damaged_last_checkpoint_is_not_resumed(crashed_tiny_run, tmp_path, damage, expected):
+    """Each of these used to be resumed silently (garbled and NaN weights) or fail inside Lightning."""
+    cfg, last = copy_of(crashed_tiny_run, tmp_path)
+    size = last.stat().st_size
+    damage(last)
+    assert damage is not garble_middle or last.stat().st_size == size
+    with pytest.raises(TrigactError) as err:
+        train(cfg)
+    message = str(err.value)
+    assert message.startswith(f"checkpoint {last} ") and expected in message and "\n" not in message
+    assert not (Path(cfg.paths.run_dir) / "bundle.pt").exists()
+
+
+def test_the_intact_copy_resumes(crashed_tiny_run, tmp_path, capsys):
+    """The control for the test above: the undamaged checkpoint passes the checks and is resumed."""
+    cfg, last = copy_of(crashed_tiny_run, tmp_path)
+    summary = train(cfg)
+    assert f"resuming from {last}, left by an earlier attempt of this run" in capsys.readouterr().out
+    assert [u["epoch"] for u in load_bundle(summary["bundle"]).meta["trigger_updates"]] == [1]
+
+
+METHODS = {
+    "standard": ["method=standard"],
+    "fixed-trigger": ["trigger=fixed"],
+    "learnable-train-step": ["trigger=learnable", "trigger.update.source=train_step"],
+    "pgd_at": ["method=pgd_at", "method.module.steps=1"],
+    "trades": ["method=trades", "method.module.steps=1"],
+    "rat": ["method=rat", "method.module.steps=1", "model=small_cnn"],
+    "tdat": ["method=tdat"],
+}
+
+
+@pytest.mark.parametrize("over", METHODS.values(), ids=METHODS.keys())
+def test_every_methods_checkpoint_opens_weights_only_and_verified(tmp_path, over):
+    """What the weights-only load would have to allow-list: nothing. Every method's, trigger's and
+    callback's state is tensors and plain values (tdat's batch momentum included), and the digest
+    covers all of it."""
+    cfg = compose_config("train", ["data=digits", "data.image_size=8", "model=mlp", "trainer.max_epochs=1",
+                                   "trainer.limit_train_batches=1", "trainer.limit_val_batches=1",
+                                   "trainer.limit_test_batches=1", *over] + QUIET, tmp_path)
+    train(cfg)
+    last = Path(cfg.paths.run_dir) / "checkpoints" / "last.ckpt"
+    assert CHECKPOINT_DIGEST in torch.load(last, map_location="cpu", weights_only=True)
+    checkpoint = load_checkpoint(last)
+    assert CHECKPOINT_DIGEST not in checkpoint and checkpoint["epoch"] == 0

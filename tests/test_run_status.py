@@ -82,6 +82,75 @@ def test_a_run_being_trained_elsewhere_is_not_touched(tmp_path):
     assert not (run_dir / "bundle.pt").exists()
 
 
+def test_an_unreadable_status_is_kept_aside_and_the_crashed_run_still_resumed(tmp_path, capsys):
+    """A damaged status.json used to count as no status: attempt 1 again, and a fresh start over the
+    crashed attempt's checkpoints."""
+    crash = compose_config("train", [*TINY, "+callbacks.crash._target_=helpers_hydra.CrashAtEpochStart",
+                                     "+callbacks.crash.epoch=2"], tmp_path)
+    run_dir = Path(crash.paths.run_dir)
+    with pytest.raises(SimulatedPreemption):
+        train(crash)
+    damaged = (run_dir / "status.json").read_bytes()[:40]  # cut mid-way, as by a full disk
+    assert b'"attempt": 1' in damaged
+    (run_dir / "status.json").write_bytes(damaged)
+
+    capsys.readouterr()
+    count = compose_config("train", [*TINY, "+callbacks.count._target_=helpers_hydra.CountEpochs"], tmp_path)
+    train(count)
+    (kept,) = run_dir.glob("status.json.corrupt-*")
+    assert kept.read_bytes() == damaged
+    assert f"status.json of this run was unreadable (kept as {kept.name}); taking its last attempt as crashed; " \
+           "retrying as attempt 2" in capsys.readouterr().out
+    assert json.loads((run_dir / "epochs_trained.json").read_text()) == [2]  # resumed, not restarted
+    status = read_status(run_dir)
+    assert status["state"] == "finished" and status["attempt"] == 2
+
+
+def test_status_without_a_readable_attempt_counts_as_one_unknown_attempt(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "status.json").write_bytes(b"\x00garbage")
+    with RunAttempt(run_dir) as attempt:
+        assert attempt.previous["state"] == "unreadable" and attempt.status["attempt"] == 2
+        assert attempt.retry_note().startswith("status.json of this run was unreadable (kept as status.json.corrupt-")
+    assert read_status(run_dir)["attempt"] == 2
+
+
+def test_a_rejected_first_attempt_leaves_no_folder_and_a_later_one_takes_a_fresh_lock(tmp_path, monkeypatch):
+    """Bad input before training: no "crashed" run is left. The lock file is unlinked while held, so
+    a launch whose flock landed on the unlinked file must not count it as the run's lock."""
+    import fcntl
+
+    from trigact.errors import TrigactError
+
+    run_dir = tmp_path / "run"
+    with pytest.raises(TrigactError):
+        with RunAttempt(run_dir):
+            raise TrigactError("trigger.eps=-1 must be > 0")
+    assert list(run_dir.iterdir()) == []
+
+    # The race: this launch opened .lock, the rejected attempt unlinked it, then this flock succeeded.
+    real_flock, unlinked = fcntl.flock, []
+
+    def flock_then_unlink(fd, op):
+        real_flock(fd, op)
+        if not unlinked:
+            unlinked.append(fd)
+            (run_dir / ".lock").unlink()
+
+    monkeypatch.setattr(fcntl, "flock", flock_then_unlink)
+    with RunAttempt(run_dir) as attempt:
+        assert unlinked and os.fstat(attempt._lock.fileno()).st_ino == os.stat(run_dir / ".lock").st_ino
+
+    # A first attempt that fails otherwise (not bad input) is kept, as crashed.
+    other = tmp_path / "other"
+    with pytest.raises(SimulatedPreemption):
+        with RunAttempt(other):
+            raise SimulatedPreemption("simulated preemption at epoch 0")
+    assert read_status(other)["state"] == "crashed"
+
+
+@pytest.mark.slow
 def test_two_sweeps_sharing_a_registry_reuse_the_shared_point(tmp_path):
     def sweep(points):
         return subprocess.run([sys.executable, "-m", "trigact.train", "-m", *TINY, f"paths.root_dir={tmp_path}",

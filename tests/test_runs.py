@@ -11,7 +11,7 @@ from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator, MPSA
 from omegaconf import OmegaConf
 
 from helpers_hydra import CONF_DIR, compose_config
-from trigact.runs import HASHED, NOT_HASHED, run_name, world_size
+from trigact.runs.naming import HASHED, NOT_HASHED, run_name, world_size
 
 BASE = ["data=digits", "model=small_cnn", "trigger=fixed", "trigger.eps=16/255"]
 

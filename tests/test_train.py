@@ -3,14 +3,17 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from helpers_hydra import QUIET, SimulatedPreemption, compose_config
 from trigact import load_bundle
-from trigact.bundle import DeployedModel, read_bundle
+from trigact.bundle import DeployedModel, read_bundle, save_bundle
 from trigact.errors import TrigactError
+from trigact.models import build_model
+from trigact.run_status import read_status
 from trigact.train import train
 
 DIGITS_TA = ["data=digits", "model=small_cnn", "method=trigger_activation", "trigger=fixed", "trigger.eps=32/255"]
@@ -78,6 +81,65 @@ def test_bundle_errors_are_one_line(tmp_path):
         assert "\n" not in str(err.value)
 
 
+def tiny_net():
+    return build_model("mlp", num_classes=10, in_chans=1, image_size=8, mean=[0.5], std=[0.5])
+
+
+def test_a_bundle_garbled_in_place_is_refused_as_corrupt(tmp_path):
+    """256 random bytes written over the middle of a bundle (same size: the weights' bytes) used to
+    load as a silently different model."""
+    path = save_bundle(tmp_path / "bundle.pt", tiny_net(), torch.full((1, 8, 8), 0.1), {"metrics": {}})
+    load_bundle(path)  # intact: loads
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 256] = torch.randint(0, 256, (256,), generator=torch.Generator().manual_seed(0),
+                                              dtype=torch.uint8).numpy().tobytes()
+    garbled = tmp_path / "garbled.pt"
+    garbled.write_bytes(bytes(data))
+    assert garbled.stat().st_size == path.stat().st_size
+    with pytest.raises(TrigactError, match=f"corrupt bundle {garbled}: its contents do not match the sha256") as err:
+        load_bundle(garbled)
+    assert "\n" not in str(err.value)
+
+
+def test_a_version_1_bundle_without_checksum_still_loads_with_a_warning(tmp_path, capsys):
+    net = tiny_net()
+    old = tmp_path / "v1.pt"
+    torch.save({"format": "trigact-bundle", "version": 1, "model": dict(net.spec), "state_dict": net.state_dict(),
+                "trigger": None, "meta": {"metrics": {}}}, old)
+    model = load_bundle(old)
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in model.net.state_dict().items())
+    warning = capsys.readouterr().err.strip().splitlines()
+    assert warning == [f"trigact: warning: {old} is a version-1 bundle, written before bundles carried a sha256; "
+                       "it is used unchecked (retrain the run to get a checked one)"]
+
+
+@pytest.mark.parametrize("what", ["weights", "trigger"])
+def test_save_bundle_refuses_a_model_that_is_not_finite(tmp_path, what):
+    net, tau = tiny_net(), torch.zeros(1, 8, 8)
+    (next(net.parameters()).data if what == "weights" else tau).view(-1)[3] = float("nan")
+    with pytest.raises(TrigactError, match="not finite") as err:
+        save_bundle(tmp_path / "bundle.pt", net, tau, {"metrics": {}})
+    assert "\n" not in str(err.value) and not (tmp_path / "bundle.pt").exists()
+
+
+@pytest.mark.parametrize("what", ["weights", "trigger", "loss"])
+def test_a_diverged_run_is_recorded_as_failed_and_writes_no_bundle(tmp_path, what):
+    """All-NaN weights used to be written as a "finished" bundle (with chance accuracy)."""
+    over = ["data=digits", "data.image_size=8", "model=mlp", "trigger=learnable", "trigger.alpha=8/255",
+            "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+            "trainer.limit_test_batches=1", "+callbacks.poison._target_=helpers_hydra.PoisonAtTrainEnd",
+            f"+callbacks.poison.what={what}"] + QUIET
+    cfg = compose_config("train", over, tmp_path)
+    with pytest.raises(TrigactError, match="diverged") as err:
+        train(cfg)
+    assert "\n" not in str(err.value)
+    run_dir = Path(cfg.paths.run_dir)
+    assert not (run_dir / "bundle.pt").exists() and not (run_dir / "summary.json").exists()
+    status = read_status(run_dir)
+    assert status["state"] == "crashed" and "diverged" in status["error"]
+
+
 def run_cli(*args, cwd):
     return subprocess.run([sys.executable, "-m", "trigact.train", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
 
@@ -92,6 +154,10 @@ def run_cli(*args, cwd):
         ("ckpt_path=CORRUPT", "is unreadable (corrupt or truncated"),
         ("trigger=learnable trigger.update.source=both", "unknown trigger.update.source 'both'"),
         ("method.module.kl_direction=sideways", "unknown method.module.kl_direction 'sideways'"),
+        # 0 wrote an untrained model as finished, -1 trained forever, abc was a traceback.
+        ("trainer.max_epochs=0", "trainer.max_epochs=0 must be an integer >= 1"),
+        ("trainer.max_epochs=-1", "trainer.max_epochs=-1 must be an integer >= 1"),
+        ("seed=abc", "seed='abc' must be an integer in [0, 4294967295]"),
     ],
 )
 def test_bad_config_fails_with_one_line_error(tmp_path, override, expected):
@@ -103,6 +169,9 @@ def test_bad_config_fails_with_one_line_error(tmp_path, override, expected):
     error_lines = [line for line in proc.stderr.splitlines() if line.startswith("trigact: error:")]
     assert len(error_lines) == 1 and expected in error_lines[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+    # A rejected launch leaves no run folder (no "crashed" run, no Hydra launch log) in the registry.
+    runs = tmp_path / "outputs" / "runs"
+    assert not runs.exists() or sorted(p.relative_to(runs).as_posix() for p in runs.rglob("*")) == []
 
 
 def test_resume_from_last_checkpoint_equals_an_uninterrupted_run(tmp_path):

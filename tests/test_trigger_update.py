@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from conftest import make_trainer
 from trigact.callbacks import TriggerUpdateCallback, trigger_gradient_sum
-from trigact.errors import TrigactError
+from trigact.common.errors import TrigactError
 from trigact.methods import TriggerActivationModule
 from trigact.models import build_model
 from trigact.triggers import fixed_trigger, learnable_trigger

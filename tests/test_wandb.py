@@ -18,9 +18,9 @@ from PIL import Image
 
 from helpers_hydra import compose_config
 from trigact import load_bundle
-from trigact import tracking
+from trigact.common import tracking
 from trigact.callbacks.trigger_logging import image_to_uint8_hwc, trigger_to_image
-from trigact.errors import TrigactError
+from trigact.common.errors import TrigactError
 from trigact.train import train
 
 LEARNABLE = ["data=digits", "data.image_size=8", "model=mlp", "trigger=learnable", "trigger.alpha=8/255",

@@ -15,13 +15,15 @@ import hydra
 from omegaconf import DictConfig
 
 from trigact.cli import quiet_libraries, user_errors
-from trigact.errors import check_steps
-from trigact.evaluation.selection import as_dict, check_seed, select
-from trigact.evaluation.transfer import (
-    attack_config, bank_rows, check_n_eval, check_split, craft_banks, data_config_of, evaluation_images,
-)
+from trigact.common.validate import check_steps
+from trigact.evaluation.selection import as_dict, select
+from trigact.common.validate import check_seed
+from trigact.attacks.config import attack_config
+from trigact.evaluation.tables import bank_rows
+from trigact.common.validate import check_n_eval, check_split
+from trigact.evaluation.crafting import craft_banks, data_config_of, evaluation_images
 from trigact.runs import register_resolvers
-from trigact.tracking import job_run, log_tables
+from trigact.common.tracking import job_run, log_tables
 from trigact.train import CONF_DIR
 
 register_resolvers()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import signal
 
-from trigact.errors import TrigactError
+from trigact.common.errors import TrigactError
 
 
 def slurm_environment(requeue_signal: str = "SIGUSR2", auto_requeue: bool = True):

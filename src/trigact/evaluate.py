@@ -8,7 +8,7 @@ Victims and surrogates are picked by bundle, run folder, glob or Hydra sweep fol
 The banks must exist (``python -m trigact.attack`` or the pipeline made them), and are found by the
 settings they were crafted with (``attacks``, ``attack_overrides``, ``seed``, ``n_eval``, ``split``,
 ``data_overrides``); evaluate never crafts. Clean accuracy is measured on the banks' own clean
-images (:func:`score_victims`, shared with the pipeline), so no dataset is needed here. Writes
+images (:func:`trigact.evaluation.victims.evaluate_victims`, shared with the pipeline), so no dataset is needed here. Writes
 ``matrix.csv``, ``table.md``, ``robustness.png`` and ``victims.json`` to ``results_dir``
 (``<output_dir>/evaluate/<name>``).
 """
@@ -19,20 +19,17 @@ from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
-from torch.utils.data import TensorDataset
 
 from trigact.cli import quiet_libraries, user_errors
-from trigact.errors import TrigactError, check_steps
-from trigact.evaluation.bank import Bank
-from trigact.evaluation.matrix import RobustnessMatrix
-from trigact.evaluation.selection import (
-    as_dict, check_name, check_seed, compose_train, find_runs, plain, select, unique_labels,
-)
-from trigact.evaluation.transfer import (
-    check_n_eval, check_split, data_config_of, defend, evaluate_victims, load_banks, robustness_tables, victim_record,
-    write_results,
-)
-from trigact.tracking import job_run, log_tables
+from trigact.common.errors import TrigactError
+from trigact.common.validate import check_steps
+from trigact.evaluation.selection import as_dict, compose_train, find_runs, plain, select, unique_labels
+from trigact.common.validate import check_name, check_seed
+from trigact.common.validate import check_n_eval, check_split
+from trigact.evaluation.crafting import data_config_of, load_banks
+from trigact.evaluation.victims import defend, evaluate_victims, victim_record
+from trigact.evaluation.tables import robustness_tables, write_results
+from trigact.common.tracking import job_run, log_tables
 from trigact.runs import register_resolvers
 from trigact.train import CONF_DIR
 
@@ -47,16 +44,6 @@ def victim_columns(cfg: DictConfig) -> dict[str, dict]:
     if isinstance(spec, dict) and spec:
         return {group: unique_labels(find_runs(patterns, cfg.paths.runs_dir, compose_train)) for group, patterns in spec.items()}
     raise TrigactError("victims must be a list of runs (one column each) or a mapping group -> runs")
-
-
-def score_victims(victims, surrogates, banks: dict[tuple[str, str], Bank], **kwargs) -> RobustnessMatrix:
-    """The transfer matrix of ``victims`` against ``banks``, with clean accuracy on the banks' own
-    clean images: quantized to uint8 like the TAEs (what a saved image file gives), so the Clean row
-    and the attack rows of a table are measured on the same pixels. ``evaluate`` and ``pipeline``
-    both score through here, so they write identical tables for the same runs and banks.
-    ``kwargs``: those of :func:`~trigact.evaluation.transfer.evaluate_victims`."""
-    first = next(iter(banks.values()))  # every bank holds the same clean images (check_same_images)
-    return evaluate_victims(victims, surrogates, banks, TensorDataset(first.x_clean, first.y), **kwargs)
 
 
 def run_evaluate(cfg: DictConfig):
@@ -86,7 +73,7 @@ def run_evaluate(cfg: DictConfig):
             victims[name], runs[name] = defend(model, defense), model.meta.get("path")
             records.append(victim_record(name, column, model, tag))
             groups[column].append(name)
-    matrix = score_victims(victims, surrogates, banks, allow_whitebox=bool(cfg.allow_whitebox),
+    matrix = evaluate_victims(victims, surrogates, banks, allow_whitebox=bool(cfg.allow_whitebox),
                            batch_size=batch_size, victim_runs=runs)
     out = write_results(matrix, groups, records, cfg.results_dir)
     run = job_run(cfg, "eval", f"eval-{Path(out).name}", out)

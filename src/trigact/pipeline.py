@@ -8,7 +8,7 @@
 3. evaluate: every victim (grouped, e.g. one group per defense) against every bank: ``matrix.csv``,
    the paper-style ``table.md`` (Clean, one row per attack, Mean; Eq. 5-7) and ``robustness.png``.
    Clean accuracy is measured on the banks' own quantized clean images, as ``trigact.evaluate``
-   measures it (:func:`trigact.evaluate.score_victims`), so both write the same table.
+   measures it (:func:`trigact.evaluation.victims.evaluate_victims`), so both write the same table.
 """
 
 from __future__ import annotations
@@ -22,17 +22,17 @@ from omegaconf import DictConfig, OmegaConf
 
 from trigact import load_bundle
 from trigact.cli import quiet_libraries, user_errors
-from trigact.errors import TrigactError, unknown_name
-from trigact.evaluate import score_victims
-from trigact.evaluation.selection import check_seed
-from trigact.evaluation.transfer import (
-    attack_config, bank_rows, check_n_eval, check_split, craft_banks, defend, defense_config, evaluation_images,
-    robustness_tables, victim_record, write_results,
-)
-from trigact.tracking import job_run, log_tables
-from trigact.io import atomic_write_json, atomic_write_text
+from trigact.common.errors import TrigactError, unknown_name
+from trigact.common.validate import check_seed
+from trigact.attacks.config import attack_config
+from trigact.evaluation.tables import bank_rows, robustness_tables, write_results
+from trigact.common.validate import check_n_eval, check_split
+from trigact.evaluation.crafting import craft_banks, evaluation_images
+from trigact.evaluation.victims import defend, defense_config, evaluate_victims, victim_record
+from trigact.common.tracking import job_run, log_tables
+from trigact.common.io import atomic_write_json, atomic_write_text
 from trigact.runs import register_resolvers
-from trigact.report import markdown_table, print_table
+from trigact.common.report import markdown_table, print_table
 from trigact.train import BUNDLE_NAME, CONF_DIR, train
 
 register_resolvers()
@@ -192,7 +192,7 @@ def attack_and_evaluate(cfg: DictConfig, train_cfgs: dict, out: Path):
                 victims[name], runs[name] = defend(model, defense), model.meta.get("path")
                 records.append(victim_record(name, group, model, tag))
             columns[group].append(name)
-    matrix = score_victims(victims, surrogates, banks, allow_whitebox=cfg.pipeline.get("allow_whitebox", False),
+    matrix = evaluate_victims(victims, surrogates, banks, allow_whitebox=cfg.pipeline.get("allow_whitebox", False),
                            victim_runs=runs)
     write_results(matrix, columns, records, out)
     if cfg.get("wandb") and cfg.wandb.enabled:

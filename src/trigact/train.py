@@ -7,6 +7,9 @@ from the Hydra config, calls ``Trainer.fit``, tests, and saves the deployment bu
 from __future__ import annotations
 
 import contextlib
+import pickle
+import re
+import shutil
 from pathlib import Path
 
 import hydra
@@ -14,17 +17,19 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from trigact.bundle import read_bundle, save_bundle
+from trigact.bundle import check_finite_model, nonfinite_tensors, read_bundle, save_bundle, tree_sha256
 from trigact.cli import quiet_libraries, user_errors
 from trigact.config import instantiate_named
-from trigact.errors import TrigactError
+from trigact.errors import TrigactError, check_steps
+from trigact.evaluation.selection import check_seed
 from trigact.io import atomic_write_json
 from trigact.report import print_table
 from trigact.models import build_model
-from trigact.run_status import RunAttempt, RunLocked
+from trigact.run_status import RunAttempt, RunLocked, is_bad_input
 from trigact.runs import register_resolvers
 from trigact.tracking import finish_wandb_loggers, is_wandb_logger_config, wandb_logger
 from trigact.triggers import build_trigger
@@ -90,12 +95,88 @@ def newest_checkpoint(run_dir: Path) -> Path:
     return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else last
 
 
+# What Trainer.fit needs to resume (Lightning's dump_checkpoint writes all of them).
+CHECKPOINT_KEYS = ("state_dict", "loops", "optimizer_states", "lr_schedulers", "callbacks", "epoch", "global_step")
+CHECKPOINT_DIGEST = "trigact_sha256"  # tree_sha256 of all other entries, added by VerifiedCheckpointIO
+
+
+def load_checkpoint(path) -> dict:
+    """Open a Lightning checkpoint of a trigact run, safely and checked; a one-line error otherwise.
+
+    - ``weights_only=True``: only tensors and plain values are unpickled, so a planted checkpoint
+      cannot run code. Our own checkpoints need no allow-list: every method's, trigger's and
+      callback's state is tensors, numbers, strings, lists and dicts (tests/test_resume.py loads one
+      of each method).
+    - Its sha256 (written by :class:`VerifiedCheckpointIO`) must match: a few garbled bytes would
+      otherwise resume with silently wrong weights. Checkpoints from before the digest are accepted.
+    - It must hold what resuming needs, and only finite weights.
+    """
+    path = Path(path)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if refused:  # not corruption: the file asks to import and call something
+            raise TrigactError(f"checkpoint {path} holds pickled objects that are not plain data ({refused.group(1)}); "
+                               "refusing to load it, as it could run code; pass another ckpt_path") from None
+        raise _unreadable(path, err) from None
+    except Exception as err:  # noqa: BLE001 -- any failure to read it is the same user-facing problem
+        raise _unreadable(path, err) from None
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise TrigactError(f"checkpoint {path} holds no state_dict: not a Lightning checkpoint of a trigact run; "
+                           "pass another ckpt_path")
+    expected = checkpoint.pop(CHECKPOINT_DIGEST, None)
+    if expected is not None and expected != tree_sha256(checkpoint):
+        raise TrigactError(f"checkpoint {path} is corrupt: its contents do not match the sha256 saved in it; "
+                           "pass another ckpt_path (e.g. an epochNNN.ckpt beside it)")
+    missing = [k for k in CHECKPOINT_KEYS if k not in checkpoint]
+    if missing:
+        raise TrigactError(f"checkpoint {path} cannot resume training: it has no {', '.join(missing)} "
+                           "(saved with weights only?); pass another ckpt_path")
+    bad = nonfinite_tensors(checkpoint["state_dict"])
+    if bad:
+        raise TrigactError(f"checkpoint {path} holds non-finite (NaN or inf) weights in {', '.join(bad[:3])}; "
+                           "the run had diverged or the file is damaged; pass another ckpt_path")
+    return checkpoint
+
+
+def _unreadable(path, err) -> TrigactError:
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+    return TrigactError(f"checkpoint {path} is unreadable (corrupt or truncated: {first}); "
+                        "pass another ckpt_path (e.g. an epochNNN.ckpt beside it)")
+
+
+class VerifiedCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint files with our sha256 in them, opened only through :func:`load_checkpoint`,
+    so that ``Trainer.fit(ckpt_path=...)`` reads a checkpoint as safely as our own check before it."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        super().save_checkpoint({**checkpoint, CHECKPOINT_DIGEST: tree_sha256(checkpoint)}, path, storage_options)
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        return load_checkpoint(path)
+
+
+def resume_request(ckpt_path, run_dir: Path):
+    """What to resume from: ``ckpt_path`` as given; for null, ``last`` if an earlier attempt of this
+    (unfinished) run left a checkpoint in its folder.
+
+    Decided from files that no rank writes before training starts, so every DDP rank decides the
+    same: rank 0 rewrites status.json for the new attempt before the other ranks exist (Lightning's
+    launcher starts them from Trainer.fit) or while they start (SLURM), so they cannot read the
+    previous attempt's status there.
+    """
+    if ckpt_path is None and newest_checkpoint(run_dir).is_file():
+        return "last"
+    return ckpt_path
+
+
 def resolve_checkpoint(ckpt_path, run_dir: Path, module: L.LightningModule | None = None) -> str | None:
     """Check the checkpoint to resume from before Lightning does, for a one-line error.
 
     ``last`` means the newest of ``<run_dir>/checkpoints/last.ckpt`` and SLURM ``hpc_ckpt_*.ckpt`` and starts from scratch when there is none
-    yet (a first launch under a requeueing scheduler); an explicit path must exist. Either must load,
-    and with ``module`` its weights must fit that module (:func:`check_checkpoint_fits`).
+    yet (a first launch under a requeueing scheduler); an explicit path must exist. Either must pass
+    :func:`load_checkpoint`, and with ``module`` its weights must fit that module (:func:`check_checkpoint_fits`).
     """
     if ckpt_path is None:
         return None
@@ -105,12 +186,7 @@ def resolve_checkpoint(ckpt_path, run_dir: Path, module: L.LightningModule | Non
             print(f"no checkpoint at {path} yet: starting from scratch")
             return None
         raise TrigactError(f"ckpt_path={ckpt_path!r}: no such file (use a .ckpt path or ckpt_path=last)")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as err:  # noqa: BLE001 -- any failure to read it is the same user-facing problem
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
-        raise TrigactError(f"checkpoint {path} is unreadable (corrupt or truncated: {first}); "
-                           "pass another ckpt_path (e.g. an epochNNN.ckpt beside it)") from None
+    checkpoint = load_checkpoint(path)
     if module is not None:
         check_checkpoint_fits(checkpoint, module, path)
     return str(path)
@@ -120,12 +196,8 @@ def check_checkpoint_fits(checkpoint, module: L.LightningModule, path) -> None:
     """Refuse a checkpoint whose ``state_dict`` keys or shapes differ from ``module``'s.
 
     Lightning would otherwise fail deep inside ``Trainer.fit`` with a state_dict-mismatch traceback.
-    Only names and shapes are compared: the checkpoint is memory-mapped, so no weights are read.
     """
-    saved = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
-    if not isinstance(saved, dict):
-        raise TrigactError(f"checkpoint {path} holds no state_dict: not a Lightning checkpoint of a trigact run; "
-                           "pass another ckpt_path")
+    saved = checkpoint["state_dict"]  # present: load_checkpoint checked it
     expected = module.state_dict()
     missing = sorted(expected.keys() - saved.keys())
     unexpected = sorted(saved.keys() - expected.keys())
@@ -157,21 +229,41 @@ def final_metrics(test_results: dict, uses_trigger: bool) -> dict:
     return metrics
 
 
+def check_training_config(cfg: DictConfig) -> None:
+    """Values that would otherwise fail late (a traceback) or wrongly (0 epochs: an untrained model
+    written as finished; -1: training forever; a seed out of range: a random one), checked before
+    anything is written."""
+    check_steps(cfg.trainer.get("max_epochs"), "trainer.max_epochs")
+    check_seed(cfg.get("seed"))
+
+
 def train(cfg: DictConfig) -> dict:
     """Train (or find already trained) the run described by ``cfg``; return its summary."""
     run_dir = Path(cfg.paths.run_dir)
-    bundle_path = run_dir / BUNDLE_NAME
-    if bundle_path.exists():
-        meta = read_bundle(bundle_path)["meta"]
-        resume = "; nothing to resume" if cfg.get("ckpt_path") else ""
-        print(f"already finished, not retrained{resume}: {bundle_path}")
-        return {"run_dir": str(run_dir), "bundle": str(bundle_path), "skipped": True, **meta["metrics"]}
+    launch_dir = _launch_dir()
+    try:
+        check_training_config(cfg)
+        bundle_path = run_dir / BUNDLE_NAME
+        if bundle_path.exists():
+            meta = read_bundle(bundle_path)["meta"]
+            resume = "; nothing to resume" if cfg.get("ckpt_path") else ""
+            print(f"already finished, not retrained{resume}: {bundle_path}")
+            return {"run_dir": str(run_dir), "bundle": str(bundle_path), "skipped": True, **meta["metrics"]}
 
-    # Rank 0 (the process Lightning's launchers start the others from) owns the folder's lock and
-    # status; the other ranks of a DDP job train inside its attempt.
-    attempt = RunAttempt(run_dir, launch_dir=_launch_dir()) if rank_zero_only.rank == 0 else contextlib.nullcontext()
-    with attempt:
-        return _train_attempt(cfg, run_dir, bundle_path, attempt if isinstance(attempt, RunAttempt) else None)
+        L.seed_everything(cfg.seed, workers=True)
+        datamodule = build_datamodule(cfg)
+        module = build_run(cfg, datamodule)
+        callbacks = build_callbacks(cfg)
+        ckpt_request = resume_request(cfg.get("ckpt_path"), run_dir)
+        # Rank 0 (the process Lightning's launchers start the others from) owns the folder's lock and
+        # status; the other ranks of a DDP job train inside its attempt.
+        attempt = RunAttempt(run_dir, launch_dir=launch_dir) if rank_zero_only.rank == 0 else None
+        with attempt or contextlib.nullcontext():
+            return _train_attempt(cfg, run_dir, bundle_path, attempt, datamodule, module, callbacks, ckpt_request)
+    except Exception as err:
+        if is_bad_input(err) and not isinstance(err, RunLocked) and rank_zero_only.rank == 0:
+            _discard_rejected_launch(run_dir, launch_dir, Path(cfg.paths.runs_dir))
+        raise
 
 
 def _launch_dir() -> str | None:
@@ -183,27 +275,50 @@ def _launch_dir() -> str | None:
         return None
 
 
-def _train_attempt(cfg: DictConfig, run_dir: Path, bundle_path: Path, attempt) -> dict:
-    ckpt_request = cfg.get("ckpt_path")
+def _discard_rejected_launch(run_dir: Path, launch_dir: str | None, runs_dir: Path) -> None:
+    """A launch rejected for bad input leaves no run folder in the registry: its Hydra launch
+    folder, and the folders above it up to ``runs_dir``, go when nothing else is in them. (A first
+    attempt's status and lock file are already gone, see RunAttempt.__exit__.)"""
+    run_dir, runs_dir = run_dir.resolve(), runs_dir.resolve()
+    if not run_dir.is_dir() or {p.name for p in run_dir.iterdir()} - {"launches"}:
+        return  # the run has a history or files: keep this launch's log beside them
+    if launch_dir is not None and run_dir / "launches" in Path(launch_dir).resolve().parents:
+        shutil.rmtree(launch_dir, ignore_errors=True)
+    for folder in (run_dir / "launches", run_dir, *run_dir.parents):
+        if runs_dir not in folder.parents:
+            break
+        try:
+            folder.rmdir()  # only when empty: other runs and launches stay
+        except FileNotFoundError:
+            continue
+        except OSError:
+            break
+
+
+def _train_attempt(cfg: DictConfig, run_dir: Path, bundle_path: Path, attempt: RunAttempt | None,
+                   datamodule, module, callbacks, ckpt_request) -> dict:
     note = attempt.retry_note() if attempt is not None else None
     if note:
         print(note)
-        if ckpt_request is None:
-            ckpt_request = "last"  # an unfinished earlier attempt: go on from its last checkpoint
-    L.seed_everything(cfg.seed, workers=True)
-    datamodule = build_datamodule(cfg)
-    module = build_run(cfg, datamodule)
     ckpt_path = resolve_checkpoint(ckpt_request, run_dir, module)  # before a W&B run is started
-    callbacks = build_callbacks(cfg)
+    if ckpt_path and cfg.get("ckpt_path") is None and rank_zero_only.rank == 0:
+        print(f"resuming from {ckpt_path}, left by an earlier attempt of this run")
     loggers = build_loggers(cfg)
     failed = True
     try:
         # default_root_dir: Lightning's own files (SLURM hpc_ckpt_*.ckpt, default checkpoints) go
         # into this run's folder, never into a launch directory shared by other runs.
+        plugins = [instantiate(p) for p in cfg.trainer.get("plugins") or []]
         trainer: L.Trainer = instantiate(
-            cfg.trainer, default_root_dir=str(run_dir), callbacks=callbacks, logger=loggers or False
+            cfg.trainer, default_root_dir=str(run_dir), callbacks=callbacks, logger=loggers or False,
+            plugins=[*plugins, VerifiedCheckpointIO()],
         )
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        # weights_only: what VerifiedCheckpointIO does anyway; said here for any strategy that loads
+        # a checkpoint without its CheckpointIO.
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        if attempt is not None:
+            attempt.trained = True
+        loss = trainer.callback_metrics.get("train/loss")  # now: trainer.test resets the metrics
         results = trainer.test(module, datamodule=datamodule, verbose=False)[0]
         failed = False
     finally:
@@ -211,10 +326,16 @@ def _train_attempt(cfg: DictConfig, run_dir: Path, bundle_path: Path, attempt) -
         # models (the pipeline), and an open run would stay "running" until the process exits.
         finish_wandb_loggers(loggers, failed=failed)
     metrics = final_metrics(results, module.trigger is not None)
+    trigger = None if module.trigger is None else module.trigger.tau
+    # On every rank (they hold the same model): rank 0 alone raising would leave the others waiting
+    # in the barrier below. The error ends the attempt as crashed, with no bundle.
+    check_finite_model(module.net, trigger, f"run {run_dir}")
+    if loss is not None and not bool(torch.isfinite(loss).all()):
+        raise TrigactError(f"run {run_dir}: the final train/loss is {float(loss)}; the run diverged "
+                           "(try a lower optimizer.lr), no bundle written")
 
     if trainer.is_global_zero:
         config = OmegaConf.to_container(cfg, resolve=True)
-        trigger = None if module.trigger is None else module.trigger.tau
         history = [c.history for c in trainer.callbacks if hasattr(c, "history")]
         meta = {
             "config": config,

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from trigact.epsilon import parse_eps
-from trigact.errors import TrigactError, unknown_name
+from trigact.common.errors import TrigactError, unknown_name
 
 
 class Trigger(nn.Module):

@@ -13,8 +13,8 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trigact.errors import TrigactError
-from trigact.io import atomic_save_figure
+from trigact.common.errors import TrigactError
+from trigact.common.io import atomic_save_figure
 
 AXES = {"eps": "fixed", "alpha": "learnable"}
 

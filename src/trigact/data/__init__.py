@@ -7,7 +7,7 @@ from trigact.data.cifar import CIFAR10DataModule, CIFAR100DataModule
 from trigact.data.digits import DigitsDataModule
 from trigact.data.fashion_mnist import FashionMNISTDataModule
 from trigact.data.imagenet_subset import ImageNetSubsetDataModule
-from trigact.errors import unknown_name
+from trigact.common.errors import unknown_name
 
 DATAMODULES: dict[str, type[TrigactDataModule]] = {
     module.name: module

@@ -17,7 +17,7 @@ from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from trigact.data.views import TransformedDataset
-from trigact.errors import TrigactError
+from trigact.common.errors import TrigactError
 
 
 class DatasetSplits(NamedTuple):

@@ -9,7 +9,7 @@ from torchvision.datasets import CIFAR10, CIFAR100
 
 from trigact.data.base import DatasetSplits, TrigactDataModule, download_error
 from trigact.data.views import TransformedDataset
-from trigact.errors import TrigactError
+from trigact.common.errors import TrigactError
 
 
 class CIFARDataModule(TrigactDataModule):

@@ -11,7 +11,7 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import TensorDataset
 
 from trigact.data.base import DatasetSplits, TrigactDataModule, check_positive_int, validation_indices
-from trigact.errors import TrigactError
+from trigact.common.errors import TrigactError
 
 
 @lru_cache(maxsize=4)

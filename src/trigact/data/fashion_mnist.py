@@ -12,7 +12,7 @@ from torchvision.datasets import FashionMNIST
 from trigact.data.base import DatasetSplits, TrigactDataModule, check_positive_int, download_error
 from trigact.data.idx import read_idx_ubyte
 from trigact.data.views import TransformedDataset
-from trigact.errors import TrigactError
+from trigact.common.errors import TrigactError
 
 DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
 NATIVE_SIZE = 28

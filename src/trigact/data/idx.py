@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trigact.errors import TrigactError
+from trigact.common.errors import TrigactError
 
 UBYTE_TYPE_CODE = 0x08
 

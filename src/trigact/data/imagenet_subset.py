@@ -9,7 +9,7 @@ from torchvision.datasets import ImageFolder
 
 from trigact.data.base import DatasetSplits, TrigactDataModule, check_positive_int
 from trigact.data.views import TransformedDataset
-from trigact.errors import TrigactError
+from trigact.common.errors import TrigactError
 
 
 class FirstClassesImageFolder(ImageFolder):

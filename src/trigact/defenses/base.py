@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from trigact.errors import TrigactError
+from trigact.common.errors import TrigactError
 
 # OmegaConf's marker for a mandatory value nobody set (``weights: ???`` read without resolving).
 MISSING = "???"

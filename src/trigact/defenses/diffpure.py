@@ -44,7 +44,7 @@ from trigact.defenses.base import (
     weights_given,
 )
 from trigact.defenses.registry import register_defense
-from trigact.errors import TrigactError
+from trigact.common.errors import TrigactError
 
 DIFFUSERS_REQUIREMENT = "diffusers==0.42.1"
 

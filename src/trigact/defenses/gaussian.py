@@ -13,7 +13,7 @@ from torchvision.transforms.functional import gaussian_blur
 
 from trigact.defenses.base import Defense, check_float, check_images, check_int
 from trigact.defenses.registry import register_defense
-from trigact.errors import TrigactError
+from trigact.common.errors import TrigactError
 
 
 def kernel_size_for(sigma: float, height: int, width: int) -> int:

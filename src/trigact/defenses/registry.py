@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from trigact.defenses.base import Defense
-from trigact.errors import TrigactError, unknown_name
+from trigact.common.errors import TrigactError, unknown_name
 
 # Keys of a defense config that are not constructor parameters.
 _CONFIG_ONLY_KEYS = ("label",)

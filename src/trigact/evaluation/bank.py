@@ -42,8 +42,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from trigact.epsilon import parse_eps
-from trigact.errors import TrigactError
-from trigact.io import atomic_write_bytes, atomic_write_json
+from trigact.common.errors import TrigactError
+from trigact.common.validate import check_name
+from trigact.common.io import atomic_write_bytes, atomic_write_json
+from trigact.common.devices import model_device
 
 BANK_FILE = "bank.pt"
 META_FILE = "meta.json"
@@ -62,13 +64,6 @@ STALE_TEMP_SECONDS = 3600.0
 def eps_tag(eps) -> str:
     """Eps in 255ths as a folder-name token: ``8/255`` -> ``'8'``, ``0.5/255`` -> ``'0.5'``."""
     return f"{round(parse_eps(eps) * 255, 4):g}"
-
-
-def _path_part(kind: str, value) -> str:
-    value = str(value)
-    if not value or value in (".", "..") or "/" in value or "\\" in value:
-        raise TrigactError(f"{kind}={value!r} must be a non-empty name without path separators")
-    return value
 
 
 def bank_key(
@@ -120,10 +115,10 @@ def bank_dir(root, dataset: str, surrogate: str, attack: str, eps, steps: int, k
     """``<root>/advbank/<dataset>/<surrogate>/<attack>-eps<E>-s<steps>-<hash of key>`` (no hash without a key)."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise TrigactError(f"attack.steps={steps!r} must be an integer >= 1")
-    leaf = f"{_path_part('attack', attack)}-eps{eps_tag(eps)}-s{steps}"
+    leaf = f"{check_name(attack, 'attack')}-eps{eps_tag(eps)}-s{steps}"
     if key is not None:
         leaf += f"-{key_hash(key)}"
-    return Path(root) / "advbank" / _path_part("dataset", dataset) / _path_part("surrogate", surrogate) / leaf
+    return Path(root) / "advbank" / check_name(dataset, "dataset") / check_name(surrogate, "surrogate") / leaf
 
 
 def bank_path(root, key: Mapping) -> Path:
@@ -260,16 +255,10 @@ def load_bank(path, key: Mapping | None = None) -> Bank:
 # -------------------------------------------------------------------------------------- crafting
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
-
-
 @torch.no_grad()
 def surrogate_predictions(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """Argmax predictions of ``model`` in eval mode (mode restored afterwards), on the CPU."""
-    device = _model_device(model)
+    device = model_device(model)
     was_training = model.training
     model.eval()
     try:

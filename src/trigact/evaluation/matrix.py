@@ -24,17 +24,11 @@ import torch
 from torch import nn
 
 from trigact.defenses.base import SeededDefense
-from trigact.errors import TrigactError
-from trigact.io import atomic_save_figure, atomic_write_text
+from trigact.common.errors import TrigactError
+from trigact.common.io import atomic_save_figure, atomic_write_text
+from trigact.common.devices import model_device
 
 CSV_FIELDS = ("victim", "surrogate", "attack", "accuracy", "n")
-
-
-# --------------------------------------------------------------------------------------------- accuracy
-def _device_of(model: nn.Module) -> torch.device:
-    for tensor in (*model.parameters(), *model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
 
 
 def _as_pixels(x: torch.Tensor) -> torch.Tensor:
@@ -49,7 +43,7 @@ def count_correct(model: nn.Module, batches: Iterable) -> tuple[int, int]:
     deliberately frozen submodules).
     """
     modes = [(m, m.training) for m in model.modules()]
-    device = _device_of(model)
+    device = model_device(model)
     correct = total = 0
     model.eval()
     try:

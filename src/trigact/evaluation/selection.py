@@ -24,7 +24,7 @@ from hydra import compose
 from omegaconf import DictConfig, OmegaConf
 
 from trigact.bundle import load_bundle
-from trigact.errors import TrigactError
+from trigact.common.errors import TrigactError
 from trigact.runs import in_255ths
 
 BUNDLE_NAME = "bundle.pt"
@@ -166,24 +166,4 @@ def plain(cfg: DictConfig, key: str):
 
 def select(cfg: DictConfig, key: str) -> dict:
     return unique_labels(find_runs(plain(cfg, key), cfg.paths.runs_dir, compose_train))
-
-
-# ----------------------------- settings the attack, evaluate and pipeline entry points check up front
-# (n_eval and split: trigact.evaluation.transfer.check_n_eval / check_split, beside the banks they key)
-
-
-def check_seed(value, key: str = "seed") -> int:
-    """A seed the global RNGs take (Lightning's and numpy's range), refused in one line otherwise."""
-    from lightning.fabric.utilities.seed import max_seed_value, min_seed_value
-
-    if isinstance(value, bool) or not isinstance(value, int) or not min_seed_value <= value <= max_seed_value:
-        raise TrigactError(f"{key}={value!r} must be an integer in [{min_seed_value}, {max_seed_value}]")
-    return value
-
-
-def check_name(value, key: str = "name") -> str:
-    """A folder name (e.g. ``evaluate name=...``): refused when it holds a path separator or is ``..``,
-    which would write outside the folder it names a child of."""
-    from trigact.evaluation.bank import _path_part
-
-    return _path_part(key, value)
+from trigact.common.validate import check_seed  # noqa: E402,F401  (temporary: train.py imports it from here)

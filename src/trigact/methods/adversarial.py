@@ -21,7 +21,8 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from trigact.epsilon import parse_eps
-from trigact.errors import TrigactError, check_range, check_steps  # noqa: F401  (re-exported)
+from trigact.common.errors import TrigactError
+from trigact.common.validate import check_range, check_steps  # noqa: F401  (re-exported)
 from trigact.methods.base import ClassifierModule
 
 Forward = Callable[[torch.Tensor], torch.Tensor]

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from trigact.errors import TrigactError, unknown_name
+from trigact.common.errors import TrigactError, unknown_name
 from trigact.methods.adversarial import (
     AdversarialTrainingModule,
     check_eps,

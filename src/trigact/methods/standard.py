@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from trigact.errors import TrigactError
+from trigact.common.errors import TrigactError
 from trigact.methods.base import ClassifierModule
 
 

@@ -46,7 +46,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from trigact.errors import TrigactError
+from trigact.common.errors import TrigactError
 from trigact.methods.adversarial import (
     AdversarialTrainingModule,
     check_eps,

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from trigact.errors import TrigactError, check_range, unknown_name
+from trigact.common.errors import TrigactError, unknown_name
+from trigact.common.validate import check_range
 from trigact.losses import KL_DIRECTIONS, trigger_activation_loss
 from trigact.methods.base import ClassifierModule
 

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from trigact.errors import TrigactError
+from trigact.common.errors import TrigactError
 
 
 def check_stats(mean, std, in_chans: int | None) -> tuple[list[float] | None, list[float] | None]:

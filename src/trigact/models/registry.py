@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from trigact.errors import TrigactError, unknown_name
+from trigact.common.errors import TrigactError, unknown_name
 from trigact.models.classifier import ClassifierNet
 from trigact.models.normalize import Normalize, check_stats
 

@@ -24,7 +24,7 @@ from datetime import datetime
 from omegaconf import OmegaConf
 
 from trigact.epsilon import parse_eps
-from trigact.errors import TrigactError
+from trigact.common.errors import TrigactError
 
 
 def in_255ths(value) -> str:

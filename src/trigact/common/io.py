@@ -1,0 +1,63 @@
+"""Atomic file writes: a crash mid-write never leaves a half-written file under the final name."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from pathlib import Path
+
+import torch
+
+
+def _create_temp(path: Path) -> tuple[int, Path]:
+    """A new, empty ``.<name>.<random>.tmp`` beside ``path``, opened for writing.
+
+    Created with mode 0666 so that the kernel applies the umask (and a default ACL) as for any new
+    file: ``tempfile.mkstemp`` makes 0600 files, which other users of a shared registry cannot read.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name beside {path}")
+
+
+def _atomic(path, write) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = _create_temp(path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_torch_save(obj, path) -> Path:
+    return _atomic(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(text: str, path) -> Path:
+    return _atomic(path, lambda f: f.write(text.encode()))
+
+
+def atomic_write_json(obj, path) -> Path:
+    return atomic_write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", path)
+
+
+def atomic_write_bytes(data: bytes, path) -> Path:
+    return _atomic(path, lambda f: f.write(data))
+
+
+def atomic_save_figure(fig, path, dpi: int = 120) -> Path:
+    """A matplotlib Figure saved as PNG, atomically."""
+    return _atomic(path, lambda f: fig.savefig(f, format="png", dpi=dpi))

@@ -1,0 +1,36 @@
+"""The accuracy summary every entry point ends with: as a rich table on the terminal and as Markdown."""
+
+from __future__ import annotations
+
+# (column header, summary key). "guess" is the mean probability of the true class on clean inputs:
+# what a guess drawn from the model's output would score (~1/C for trigger activation).
+COLUMNS = (
+    ("clean acc (%)", "test_acc_clean"),
+    ("clean guess acc (%)", "test_guess_acc_clean"),
+    ("acc with trigger (%)", "test_acc_trigger"),
+    ("deployed acc (%)", "test_acc_deployed"),
+)
+
+
+def _pct(value) -> str:
+    return "-" if value is None or value != value else f"{100 * value:.2f}"
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| run | " + " | ".join(h for h, _ in COLUMNS) + " |", "|---|" + "---:|" * len(COLUMNS)]
+    for row in rows:
+        lines.append(f"| {row['name']} | " + " | ".join(_pct(row.get(k)) for _, k in COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def print_table(rows: list[dict], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("run", no_wrap=True)
+    for header, _ in COLUMNS:
+        table.add_column(header, justify="right")
+    for row in rows:
+        table.add_row(row["name"], *(_pct(row.get(k)) for _, k in COLUMNS))
+    Console().print(table)
