@@ -55,7 +55,7 @@ def shrunk_demo(tmp_path_factory):
     from hydra import compose, initialize_config_dir
 
     from trigact.pipeline import run_pipeline
-    from trigact.train import CONF_DIR
+    from trigact.common.config import CONF_DIR
 
     root = tmp_path_factory.mktemp("demo")
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):

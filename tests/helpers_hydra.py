@@ -4,7 +4,7 @@ import lightning as L
 from hydra import compose, initialize_config_dir
 
 from trigact.runs import register_resolvers
-from trigact.train import CONF_DIR
+from trigact.common.config import CONF_DIR
 
 register_resolvers()
 

@@ -16,7 +16,7 @@ from conftest import make_trainer
 from helpers_hydra import QUIET, SimulatedPreemption, compose_config
 from trigact import load_bundle
 from trigact.attacks import build_attack
-from trigact.bundle import DeployedModel
+from trigact.models.deployed import DeployedModel
 from trigact.cli import user_errors
 from trigact.common.errors import TrigactError
 from trigact.methods import PGDATModule, RATModule, TDATModule, TradesModule
@@ -25,7 +25,8 @@ from trigact.methods.rat import taylor_targets
 from trigact.methods.tdat import relaxation_factors, relaxed_labels, taxonomy_regulariser
 from trigact.methods.trades import trades_loss
 from trigact.models import build_model
-from trigact.train import build_run, train
+from trigact.training.build import build_run
+from trigact.training.run import train
 
 AT_METHODS = {"pgd_at": PGDATModule, "trades": TradesModule, "rat": RATModule, "tdat": TDATModule}
 EPS = "32/255"

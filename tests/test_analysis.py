@@ -57,7 +57,7 @@ def test_analysis_of_the_demo_pipeline_results(shrunk_demo, tmp_path):
     from hydra import compose, initialize_config_dir
 
     from trigact.analysis.__main__ import run_analysis
-    from trigact.train import CONF_DIR
+    from trigact.common.config import CONF_DIR
 
     root, _ = shrunk_demo
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
@@ -76,7 +76,7 @@ def test_a_required_value_left_unset_is_a_one_line_cli_error(capsys):
 
     from trigact.analysis.__main__ import run_analysis
     from trigact.cli import user_errors
-    from trigact.train import CONF_DIR
+    from trigact.common.config import CONF_DIR
 
     with initialize_config_dir(CONF_DIR, version_base="1.3"):
         cfg = compose("analysis")

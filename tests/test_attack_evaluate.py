@@ -17,8 +17,8 @@ from hydra import compose, initialize_config_dir
 
 from conftest import DEMO_SHRINK
 from trigact.common.errors import TrigactError
-from trigact.evaluation.selection import find_runs, run_label
-from trigact.train import CONF_DIR
+from trigact.runs.selection import find_runs, run_label
+from trigact.common.config import CONF_DIR
 
 SURROGATES = "[digits/standard/lenet/*/s0,digits/standard/tiny_resnet]"
 # The demo's banks: found by the attack settings and n_eval they were crafted with.
@@ -120,7 +120,7 @@ def test_a_sweep_folder_selects_its_jobs_runs_and_names_a_crashed_job(shrunk_dem
         (sweep / str(i) / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
     (sweep / "multirun.yaml").write_text("hydra: {}\n")
 
-    from trigact.evaluation.selection import compose_train
+    from trigact.runs.selection import compose_train
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         found = find_runs([str(sweep)], root / "outputs" / "runs", compose_train)

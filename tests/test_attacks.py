@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,6 +14,8 @@ import yaml
 from torch import nn
 
 from trigact.attacks import (
+    DEFAULT_EPS,
+    DEFAULT_STEPS,
     aggregate_gradient,
     attack_from_config,
     attack_info,
@@ -20,6 +24,7 @@ from trigact.attacks import (
     list_attacks,
     random_patch_mask,
 )
+from trigact.epsilon import parse_eps
 from trigact.errors import TrigactError
 from trigact.models import build_model
 
@@ -55,17 +60,65 @@ def tiny_model():
     ).eval()
 
 
-@pytest.mark.parametrize("name", sorted(set(list_attacks()) - UNAVAILABLE))
+RUNNABLE = sorted(set(list_attacks()) - UNAVAILABLE)
+
+
+def raw_attack_output(attack, x, y):
+    """``attack(x, y)`` and what its implementation returned before TransferAttack's projection.
+
+    The wrapper projects every output into the eps-ball and [0, 1]; a budget check on its output alone
+    would pass an attack that ignores its budget.
+    """
+    seen = []
+    impl = attack.impl
+
+    def recording(*args):
+        seen.append(impl(*args).detach().clone())
+        return seen[-1]
+
+    attack.impl = recording
+    try:
+        x_adv = attack(x, y)
+    finally:
+        attack.impl = impl
+    assert len(seen) == 1
+    return x_adv, seen[0]
+
+
+def assert_within_budget(x_adv, x, eps, atol=1e-6):
+    assert x_adv.shape == x.shape
+    assert (x_adv - x).abs().max().item() <= eps + atol, "outside the eps-ball"
+    assert x_adv.min().item() >= -atol and x_adv.max().item() <= 1 + atol, "outside [0, 1]"
+
+
+@pytest.mark.parametrize("name", RUNNABLE)
 def test_attack_respects_budget_and_box(name, tiny_model, digits_batch):
     _, x, y = digits_batch
     torch.manual_seed(0)
-    attack = build_attack(name, tiny_model, eps="8/255", steps=3, **SMALL.get(name, {}))
-    x_adv = attack(x, y)
-    assert x_adv.shape == x.shape
-    assert (x_adv - x).abs().max() <= EPS + 1e-6
-    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    # Steps of a whole eps: three of them leave the ball unless the attack projects back into it.
+    attack = build_attack(name, tiny_model, eps="8/255", steps=3, alpha="8/255", **SMALL.get(name, {}))
+    x_adv, raw = raw_attack_output(attack, x, y)
+    assert_within_budget(raw, x, EPS)  # the attack's own output, not just our projection of it
+    assert_within_budget(x_adv, x, EPS)
     assert (x_adv - x).abs().max() > 0, "the attack did not change the input"
     assert not tiny_model.training
+
+
+def test_budget_check_catches_an_attack_that_ignores_its_budget(tiny_model, digits_batch, monkeypatch):
+    from trigact.attacks import registry
+
+    def overshooting(model, *, device, eps, steps):
+        # Steps 3 eps away and out of the pixel box: the wrapper's projection hides both.
+        return lambda x, y: x + 3 * eps * torch.randn_like(x).sign()
+
+    monkeypatch.setitem(registry._ATTACKS, "overshoot", registry.AttackInfo("overshoot", overshooting))
+    _, x, y = digits_batch
+    x_adv, raw = raw_attack_output(build_attack("overshoot", tiny_model, eps="8/255"), x, y)
+    assert_within_budget(x_adv, x, EPS)  # the projected output looks fine ...
+    with pytest.raises(AssertionError, match="eps-ball"):
+        assert_within_budget(raw, x, EPS)  # ... the raw output does not
+    with pytest.raises(AssertionError, match=r"\[0, 1\]"):
+        assert_within_budget(torch.min(torch.max(raw, x - EPS), x + EPS), x, EPS)
 
 
 def test_attack_works_under_no_grad_and_leaves_model_untouched(
@@ -85,31 +138,52 @@ def test_attack_works_under_no_grad_and_leaves_model_untouched(
     assert (x_adv - x).abs().max() > 0
 
 
-def test_pinned_hyperparameters():
-    assert attack_info("difgsm").params == {
-        "alpha": None,
-        "decay": 1.0,
-        "resize_rate": 1.1,
-        "diversity_prob": 0.5,
-    }
-    assert attack_info("pgd").params["random_start"] is True
-    rpa = attack_info("rpa").params
-    assert (rpa["num_ens"], tuple(rpa["patch_sizes"]), rpa["p_modify"]) == (
-        60,
-        (1, 3, 5, 7),
-        0.3,
-    )
+def _other_value(key, value):
+    """A valid value different from ``value``, to check that an override reaches the attack."""
+    if key == "alpha":
+        return 1 / 255
+    if key == "feature_layer":
+        return "backbone.block1"
+    if key == "fill":
+        return "zero"
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + 1
+    if isinstance(value, float):
+        return value / 2
+    if isinstance(value, tuple):
+        return value[:1]
+    raise AssertionError(f"no other value for {key}={value!r}")
 
 
-def test_defaults_are_paper_settings(tiny_model):
+def _impl_setting(attack, key):
+    # Feature-level implementations (torchattack's and our RPA) name the layer feature_layer_cfg.
+    return getattr(attack.impl, "feature_layer_cfg" if key == "feature_layer" else key)
+
+
+@pytest.mark.parametrize("name", RUNNABLE)
+def test_pinned_hyperparameters_reach_the_implementation(name, tiny_model):
+    """Every pinned hyperparameter, and every override of one, is what the attack object runs with:
+    a factory that dropped one would silently run the library's default instead."""
+    pinned = build_attack(name, tiny_model, eps="4/255", steps=5)
+    assert (pinned.impl.eps, pinned.impl.steps) == (pytest.approx(4 / 255), 5)
+    for key, value in pinned.params.items():
+        assert _impl_setting(pinned, key) == value, key
+    for key in attack_info(name).params:
+        other = _other_value(key, pinned.params[key])
+        overridden = build_attack(name, tiny_model, eps="4/255", steps=5, **{key: other})
+        assert _impl_setting(overridden, key) == other != _impl_setting(pinned, key), key
+
+
+def test_defaults_and_step_size_reach_the_implementation(tiny_model):
     attack = build_attack("ifgsm", tiny_model)
-    assert (attack.eps, attack.steps, attack.params["alpha"]) == (
-        EPS,
-        20,
-        pytest.approx(EPS / 20),
-    )
+    assert (attack.impl.eps, attack.impl.steps) == (DEFAULT_EPS, DEFAULT_STEPS)
     assert attack.impl.device == torch.device("cpu")
-    assert attack.impl.alpha == pytest.approx(EPS / 20)
+    assert attack.impl.alpha == pytest.approx(DEFAULT_EPS / DEFAULT_STEPS)
+    # alpha None means eps / steps for whatever eps and steps are given, not just the defaults.
+    assert build_attack("ifgsm", tiny_model, eps="6/255", steps=4).impl.alpha == pytest.approx(6 / 255 / 4)
+    assert build_attack("ifgsm", tiny_model, steps=4, alpha="1/255").impl.alpha == pytest.approx(1 / 255)
 
 
 def test_feature_layer_default_and_override(tiny_model):
@@ -148,9 +222,14 @@ def _train_small_cnn(dm, epochs=6):
     return net.eval()
 
 
-def test_white_box_pgd_breaks_a_trained_model(digits_batch):
-    dm, _, _ = digits_batch
-    net = _train_small_cnn(dm)
+@pytest.fixture(scope="module")
+def trained_cnn(digits_batch):
+    """small_cnn trained for 6 epochs on 16x16 digits (a few seconds), shared by the strength tests."""
+    return _train_small_cnn(digits_batch[0])
+
+
+def test_white_box_pgd_breaks_a_trained_model(digits_batch, trained_cnn):
+    dm, net = digits_batch[0], trained_cnn
     x, y = dm.test_set.tensors
     with torch.no_grad():
         clean = (net(x).argmax(1) == y).float().mean().item()
@@ -163,6 +242,87 @@ def test_white_box_pgd_breaks_a_trained_model(digits_batch):
     # 0.3 margin leaves ~0.15 of slack and still fails if the attack stepped the wrong way.
     assert clean > 0.8
     assert robust < clean - 0.3, (clean, robust)
+
+
+# Strength of every attack: on a trained surrogate, the attack must lower accuracy clearly more than
+# random noise of the same budget. 32/255 and a few steps keep it to about a second per attack on
+# 2 cores (digits are smooth, upsampled 8x8 images: at 8/255 even PGD moves them little).
+STRENGTH_EPS = 32 / 255
+STRENGTH_STEPS = {"l2t": 3, "bsr": 20}  # L2T's ops stack up to 100 copies per sample; BSR is the weakest
+STRENGTH_IMAGES = 64
+# Measured on these 64 images (1 and 2 threads): clean 1.0, sign noise 0.93; BSR 0.48-0.59 over six
+# seeds (the weakest), GRA 0.14-0.17, every other attack <= 0.06. With every step flipped, every
+# attack leaves accuracy at 1.0.
+STRENGTH_MARGIN = 0.2
+
+
+class _FlipInputGradient(torch.autograd.Function):
+    """Identity forward, negated gradient backward: every attack step then goes the wrong way."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -grad
+
+
+def _accuracy(net, x, y):
+    with torch.no_grad():
+        return (net(x).argmax(1) == y).float().mean().item()
+
+
+@pytest.fixture(scope="module")
+def strength_setup(digits_batch, trained_cnn):
+    """(images, labels, accuracy under random-sign noise of the same budget, averaged over 3 draws)."""
+    dm, net = digits_batch[0], trained_cnn
+    x, y = (t[:STRENGTH_IMAGES] for t in dm.test_set.tensors)
+    gen = torch.Generator().manual_seed(0)
+    noisy = [
+        (x + STRENGTH_EPS * (torch.randint(0, 2, x.shape, generator=gen) * 2 - 1)).clamp(0, 1)
+        for _ in range(3)
+    ]
+    return x, y, sum(_accuracy(net, n, y) for n in noisy) / len(noisy)
+
+
+def attack_accuracy(name, net, x, y, wrong_way=False):
+    """Accuracy of ``net`` on ``name``'s white-box attack of (x, y); ``wrong_way`` flips every step."""
+    hook = (
+        net.register_forward_pre_hook(lambda module, args: (_FlipInputGradient.apply(args[0]),))
+        if wrong_way
+        else None
+    )
+    try:
+        # BSR and L2T also draw from Python's and NumPy's generators.
+        random.seed(0)
+        np.random.seed(0)
+        torch.manual_seed(0)
+        attack = build_attack(
+            name, net, eps=STRENGTH_EPS, steps=STRENGTH_STEPS.get(name, 5), **SMALL.get(name, {})
+        )
+        x_adv = attack(x, y)
+    finally:
+        if hook is not None:
+            hook.remove()
+    return _accuracy(net, x_adv, y)
+
+
+@pytest.mark.parametrize("name", RUNNABLE)
+def test_attack_beats_random_noise_of_the_same_budget(name, trained_cnn, strength_setup):
+    x, y, noise_acc = strength_setup
+    clean = _accuracy(trained_cnn, x, y)
+    assert clean > 0.9 and noise_acc > 0.6, (clean, noise_acc)  # the baseline leaves room to beat
+    acc = attack_accuracy(name, trained_cnn, x, y)
+    assert acc < noise_acc - STRENGTH_MARGIN, (name, acc, noise_acc)
+
+
+@pytest.mark.parametrize("name", RUNNABLE)
+def test_strength_check_catches_a_sign_flip(name, trained_cnn, strength_setup):
+    # The same attack stepping up the model's confidence instead of down must fail the check above.
+    x, y, noise_acc = strength_setup
+    acc = attack_accuracy(name, trained_cnn, x, y, wrong_way=True)
+    assert acc >= noise_acc - STRENGTH_MARGIN, (name, acc, noise_acc)
 
 
 @pytest.mark.skipif(
@@ -286,7 +446,7 @@ def test_configs_name_registered_attacks_with_pinned_values(tiny_model):
     for path in files:
         cfg = yaml.safe_load(path.read_text())
         assert cfg["name"] == path.stem and cfg["name"] in list_attacks()
-        assert cfg["eps"] == "8/255" and cfg["steps"] == 20
+        assert (parse_eps(cfg["eps"]), cfg["steps"]) == (DEFAULT_EPS, DEFAULT_STEPS)
         pinned = attack_info(cfg["name"]).params
         assert {
             k: list(v) if isinstance(v, tuple) else v for k, v in pinned.items()

@@ -334,7 +334,7 @@ def test_progress_bar_counts_images_to_the_total(tmp_path, setup, monkeypatch):
 @pytest.fixture
 def surrogate(tmp_path):
     """A tiny surrogate loaded from a bundle that records its data config."""
-    from trigact.bundle import load_bundle, save_bundle
+    from trigact.runs.bundle import load_bundle, save_bundle
 
     torch.manual_seed(0)
     net = build_model("small_cnn", 10, 1, 8, [0.3], [0.3])
@@ -351,7 +351,7 @@ def images():
 
 def craft(tmp_path, surrogate, images, **kwargs):
     from trigact.evaluation.crafting import craft_banks
-    from trigact.train import CONF_DIR
+    from trigact.common.config import CONF_DIR
 
     banks = craft_banks(tmp_path / "out", "digits", images, {"s": surrogate}, ["pgd"], CONF_DIR,
                         overrides={"steps": 1}, batch_size=4, progress=False, **kwargs)
@@ -360,7 +360,7 @@ def craft(tmp_path, surrogate, images, **kwargs):
 
 def load(tmp_path, surrogate, **kwargs):
     from trigact.evaluation.crafting import load_banks
-    from trigact.train import CONF_DIR
+    from trigact.common.config import CONF_DIR
 
     banks = load_banks(tmp_path / "out", "digits", {"s": surrogate}, ["pgd"], CONF_DIR, {"steps": 1}, **kwargs)
     return banks[("s", "pgd")]
@@ -409,7 +409,7 @@ def test_split_is_part_of_the_key(tmp_path, surrogate, images):
 
 def test_a_retrained_surrogate_gets_a_new_bank(tmp_path, surrogate, images):
     """Same run name, other weights (the run was deleted and trained again): the bundle hash differs."""
-    from trigact.bundle import load_bundle, save_bundle
+    from trigact.runs.bundle import load_bundle, save_bundle
 
     first = craft(tmp_path, surrogate, images)
     with torch.no_grad():

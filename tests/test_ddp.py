@@ -29,7 +29,7 @@ import torch
 
 from helpers_hydra import compose_config
 from trigact import load_bundle
-from trigact.train import train
+from trigact.training.run import train
 
 pytestmark = pytest.mark.slow  # each DDP launch starts 2 processes: about a minute on 2 cores
 

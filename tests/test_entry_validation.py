@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 
 from conftest import DEMO_OVERRIDES, DEMO_SHRINK
 from trigact.common.errors import TrigactError
-from trigact.train import CONF_DIR
+from trigact.common.config import CONF_DIR
 
 # No run matches this: a setting that is checked first fails on its own line, not on this one.
 NO_RUNS = "surrogates=[digits/no_such_run]"

@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from trigact.pipeline import check_evaluation_plan, run_overrides, victim_groups
-from trigact.train import CONF_DIR
+from trigact.common.config import CONF_DIR
 
 PIPELINE_EXPERIMENTS = sorted(
     p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml") if "pipeline:" in p.read_text()

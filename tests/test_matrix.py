@@ -169,14 +169,30 @@ class ModeProbe(nn.Module):
 @pytest.mark.parametrize("mode", ["train", "eval", "mixed"])
 def test_accuracy_restores_mode(mode):
     model = ModeProbe().train(mode != "eval")
+    with torch.no_grad():  # always class 1 in eval mode; dropout (train mode) would zero it at random
+        model.lin.weight.zero_()
+        model.lin.bias.copy_(torch.tensor([0.0, 1.0, 0.0]))
     if mode == "mixed":
         model.drop.eval()
     before = [m.training for m in model.modules()]
-    x, y = images(0, n=10)
+    x, y = images(0, n=10)  # labels 0, 1, 2, 0, 1, ...: ids 1, 4, 7 are class 1
     acc = accuracy(model, [(x[:6], y[:6]), (x[6:], y[6:])])
-    assert 0.0 <= acc <= 1.0
+    # 3 of 10 images, not the mean of the batches' accuracies (2/6 and 1/4).
+    assert acc == 0.3
     assert model.seen == [(False, False, False)] * 2
     assert [m.training for m in model.modules()] == before
+
+
+def test_eq6_weighs_surrogates_equally_whatever_their_bank_sizes():
+    # s1's bank has 4 images (3 right), s2's has 2 (0 right): Eq. 6 is (3/4 + 0/2) / 2, not 3/6.
+    x1, y1 = images(0, n=4)
+    x2, y2 = images(4, n=2)
+    table = torch.cat([y1[:3], (y1[3:] + 1) % NUM_CLASSES, (y2 + 1) % NUM_CLASSES])
+    banks = {("s1", "a"): SimpleNamespace(x_adv=x1, y=y1), ("s2", "a"): SimpleNamespace(x_adv=x2, y=y2)}
+    m = evaluate_matrix({"v": LookupVictim(table)}, banks, batch_size=3)
+    assert [(c["surrogate"], c["accuracy"], c["n"]) for c in m.cells] == [("s1", 0.75, 4), ("s2", 0.0, 2)]
+    assert m.mean_over_surrogates() == {("v", "a"): 0.375}
+    assert m.mean_over_attacks() == {"v": 0.375}
 
 
 def test_uint8_bank_and_generator_clean(toy):

@@ -20,9 +20,10 @@ import torch
 from helpers_hydra import QUIET, SimulatedPreemption, compose_config
 from trigact import load_bundle
 from trigact.callbacks.rng_state import collect_rng_state, restore_rng_state
-from trigact.errors import TrigactError
-from trigact.run_status import read_status
-from trigact.train import CHECKPOINT_DIGEST, load_checkpoint, train
+from trigact.common.errors import TrigactError
+from trigact.runs.status import read_status
+from trigact.training.checkpoints import CHECKPOINT_DIGEST, load_checkpoint
+from trigact.training.run import train
 
 CRASH = ["+callbacks.crash._target_=helpers_hydra.CrashAtEpochStart", "+callbacks.crash.epoch=2"]
 
@@ -181,10 +182,10 @@ def test_a_planted_checkpoint_is_refused_without_running_its_code(tmp_path, monk
 
     # Lightning's own load in Trainer.fit(ckpt_path=...) is as safe, even where torch is told to
     # default to unsafe loads: shown by skipping our check before fit.
-    import trigact.train
+    import trigact.training.run
 
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
-    monkeypatch.setattr(trigact.train, "resolve_checkpoint", lambda request, run_dir, module: str(planted))
+    monkeypatch.setattr(trigact.training.run, "resolve_checkpoint", lambda request, run_dir, module: str(planted))
     with pytest.raises(TrigactError, match=r"\(io.open\); refusing to load it"):
         train(cfg)
     assert not marker.exists()

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from helpers_hydra import QUIET, SimulatedPreemption, compose_config
-from trigact.run_status import RunAttempt, RunLocked, read_status
-from trigact.train import train
+from trigact.runs.status import RunAttempt, RunLocked, read_status
+from trigact.training.run import train
 
 TINY = ["data=digits", "data.image_size=8", "model=mlp", "trigger=fixed", "trigger.eps=32/255",
         "trainer.max_epochs=3", "trainer.limit_train_batches=3", "trainer.limit_val_batches=1",
@@ -121,7 +121,7 @@ def test_a_rejected_first_attempt_leaves_no_folder_and_a_later_one_takes_a_fresh
     a launch whose flock landed on the unlinked file must not count it as the run's lock."""
     import fcntl
 
-    from trigact.errors import TrigactError
+    from trigact.common.errors import TrigactError
 
     run_dir = tmp_path / "run"
     with pytest.raises(TrigactError):

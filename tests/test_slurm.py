@@ -1,44 +1,99 @@
-"""SLURM: there is no cluster here, so check that the launcher config composes, that the launcher
-object instantiates with the allocation following the trainer, and that the trainer's SLURM
-environment listens to submitit's signal. (Requeue itself cannot be exercised without SLURM.)"""
+"""SLURM: there is no cluster here, so drive hydra-submitit-launcher up to the sbatch script it would
+submit (nothing is submitted) and check that the allocation follows the trainer and that the signal
+SLURM is told to send is the one Lightning's SLURM environment listens to. (Requeue itself cannot be
+exercised without SLURM.)"""
 
+import os
+import re
 import signal
+from types import SimpleNamespace
 
+import lightning as L
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from trigact.cluster import slurm_environment
-from trigact.errors import TrigactError
+from trigact.cli import user_errors
 from trigact.train import CONF_DIR
 
 
-def slurm_config(tmp_path, *extra):
+def slurm_config(tmp_path, devices=8, num_nodes=2, *extra):
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return compose(config_name="train", return_hydra_config=True, overrides=[
-            f"paths.root_dir={tmp_path}", "hydra/launcher=slurm", "trainer=slurm", "hydra.launcher.partition=gpu",
-            "trainer.devices=8", "trainer.num_nodes=2", *extra])
+            f"paths.root_dir={tmp_path}", f"hydra.sweep.dir={tmp_path}/sweep", "hydra/launcher=slurm",
+            "trainer=slurm", "hydra.launcher.partition=gpu", f"trainer.devices={devices}",
+            f"trainer.num_nodes={num_nodes}", *extra])
 
 
-def test_launcher_config_follows_the_trainer(tmp_path):
-    launcher = slurm_config(tmp_path).hydra.launcher
-    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
-    assert (launcher.partition, launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node) == ("gpu", 2, 8, 8)
-    assert launcher.signal_delay_s == 120 and launcher.max_num_timeout == 20
+@pytest.fixture
+def sbatch_script(tmp_path, monkeypatch):
+    """``sbatch_script(cfg)``: the script the configured launcher would hand to sbatch for one job."""
+    import submitit
+
+    # submitit's SLURM executor refuses to start where there is no srun; this one is never run.
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "srun").write_text("#!/bin/sh\nexit 1\n")
+    (fake_bin / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake_bin}{os.pathsep}{os.environ['PATH']}")
+    scripts = []
+
+    class RecordingExecutor(submitit.AutoExecutor):
+        def map_array(self, fn, *iterables):  # instead of writing pickles and calling sbatch
+            scripts.append(self._executor._make_submission_file_text("<job command>", "0"))
+            return [SimpleNamespace(results=lambda: [None]) for _ in zip(*iterables)]
+
+    monkeypatch.setattr(submitit, "AutoExecutor", RecordingExecutor)
+
+    def script(cfg) -> str:
+        launcher = instantiate(cfg.hydra.launcher)
+        launcher.setup(hydra_context=None, task_function=None, config=cfg)
+        launcher.launch([["seed=0"]], initial_job_idx=0)
+        return scripts[-1]
+
+    return script
 
 
-def test_launcher_instantiates(tmp_path):
-    from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
-
-    cfg = slurm_config(tmp_path, "hydra.launcher.timeout_min=60")
-    launcher = instantiate(cfg.hydra.launcher)
-    assert isinstance(launcher, SlurmLauncher)
-    assert launcher.params["gpus_per_node"] == 8 and launcher.params["timeout_min"] == 60
+def sbatch_option(script: str, name: str) -> str:
+    (value,) = re.findall(rf"^#SBATCH --{name}=(\S+)$", script, flags=re.M)
+    return value
 
 
-def test_trainer_listens_to_submitits_signal(tmp_path):
+@pytest.mark.parametrize("devices,num_nodes", [(8, 2), (4, 3)])
+def test_the_allocation_slurm_sees_follows_the_trainer(tmp_path, sbatch_script, devices, num_nodes):
+    script = sbatch_script(slurm_config(tmp_path, devices, num_nodes, "hydra.launcher.timeout_min=60"))
+    assert sbatch_option(script, "nodes") == str(num_nodes)
+    assert sbatch_option(script, "gpus-per-node") == str(devices)
+    # One task per GPU: Lightning's DDP expects SLURM to start every rank.
+    assert sbatch_option(script, "ntasks-per-node") == str(devices)
+    assert (sbatch_option(script, "partition"), sbatch_option(script, "time")) == ("gpu", "60")
+
+
+def test_slurm_sends_the_signal_the_trainer_requeues_on(tmp_path, sbatch_script):
     cfg = slurm_config(tmp_path)
+    sent, _, delay = sbatch_option(sbatch_script(cfg), "signal").partition("@")
     (plugin,) = [instantiate(p) for p in cfg.trainer.plugins]
-    assert plugin.requeue_signal == signal.SIGUSR2 and plugin.auto_requeue
-    with pytest.raises(TrigactError, match="requeue_signal='SIGNOPE' is not a signal"):
-        slurm_environment("SIGNOPE")
+    assert plugin.requeue_signal == getattr(signal, f"SIG{sent}") and plugin.auto_requeue
+    assert int(delay) == cfg.hydra.launcher.signal_delay_s > 0  # time left to checkpoint
+
+
+def test_the_trainer_handles_the_requeue_signal(tmp_path):
+    (plugin,) = [instantiate(p) for p in slurm_config(tmp_path).trainer.plugins]
+    trainer = L.Trainer(accelerator="cpu", devices=1, plugins=[plugin], logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    connector = trainer._signal_connector
+    connector.register_signal_handlers()
+    try:
+        handler = signal.getsignal(plugin.requeue_signal)
+        assert connector._slurm_sigusr_handler_fn in getattr(handler, "signal_handlers", [])
+    finally:
+        connector.teardown()
+
+
+def test_a_bad_signal_name_is_one_line(tmp_path, capsys):
+    cfg = slurm_config(tmp_path)
+    with pytest.raises(SystemExit) as exit_info, user_errors():
+        instantiate(cfg.trainer.plugins[0], requeue_signal="SIGNOPE")  # as train.py builds the plugins
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err == "trigact: error: requeue_signal='SIGNOPE' is not a signal; e.g. SIGUSR1 or SIGUSR2\n"

@@ -10,11 +10,12 @@ import torch
 
 from helpers_hydra import QUIET, SimulatedPreemption, compose_config
 from trigact import load_bundle
-from trigact.bundle import DeployedModel, read_bundle, save_bundle
-from trigact.errors import TrigactError
+from trigact.models.deployed import DeployedModel
+from trigact.runs.bundle import read_bundle, save_bundle
+from trigact.common.errors import TrigactError
 from trigact.models import build_model
-from trigact.run_status import read_status
-from trigact.train import train
+from trigact.runs.status import read_status
+from trigact.training.run import train
 
 DIGITS_TA = ["data=digits", "model=small_cnn", "method=trigger_activation", "trigger=fixed", "trigger.eps=32/255"]
 
@@ -204,7 +205,7 @@ def test_pipeline_forwards_its_paths_even_odd_ones(tmp_path):
     from hydra import compose, initialize_config_dir
 
     from trigact.pipeline import run_overrides
-    from trigact.train import CONF_DIR
+    from trigact.common.config import CONF_DIR
 
     root = tmp_path / "a,b=c[d]"  # characters that Hydra's override grammar would otherwise parse
     cfg = compose_config("pipeline", ["experiment=demo", f"paths.root_dir='{root}'"], tmp_path)
@@ -221,7 +222,7 @@ def test_demo_pipeline_trains_attacks_and_evaluates_end_to_end(shrunk_demo, caps
 
     from conftest import DEMO_OVERRIDES
     from trigact.pipeline import run_pipeline
-    from trigact.train import CONF_DIR
+    from trigact.common.config import CONF_DIR
 
     root, rows = shrunk_demo
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):

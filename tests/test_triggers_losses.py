@@ -72,6 +72,33 @@ def test_parse_eps_rejects_bad_values_in_one_line(bad):
     assert "trigger.eps" in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("big", ["1e9/255", "256/255", 1.5, 2])
+def test_parse_eps_refuses_more_than_the_pixel_range(big):
+    for allow_zero, allowed in ((True, "[0, 1]"), (False, "(0, 1]")):
+        with pytest.raises(TrigactError) as err:
+            parse_eps(big, "trigger.eps", allow_zero=allow_zero)
+        assert str(err.value).startswith(f"trigger.eps={big!r} must be in {allowed}")
+        assert "\n" not in str(err.value)
+    assert parse_eps("255/255") == 1.0  # the whole range is still allowed
+
+
+def test_callers_refuse_an_epsilon_above_one():
+    from trigact.attacks import build_attack
+    from trigact.evaluation.transfer import attack_config
+    from trigact.models import build_model
+    from trigact.train import CONF_DIR
+
+    with pytest.raises(TrigactError, match=r"^trigger.eps='1e9/255' must be in \(0, 1\]"):
+        build_trigger("fixed", (1, 4, 4), eps="1e9/255")
+    with pytest.raises(TrigactError, match=r"^trigger.alpha='1e9/255' must be in \(0, 1\]"):
+        build_trigger("learnable", (1, 4, 4), alpha="1e9/255")
+    net = build_model("mlp", num_classes=2, in_chans=1, image_size=4)
+    with pytest.raises(TrigactError, match=r"^attack.eps='1e9/255' must be in \[0, 1\]"):
+        build_attack("pgd", net, eps="1e9/255")
+    with pytest.raises(TrigactError, match=r"^attack_overrides.eps='1e9/255' must be in \[0, 1\]"):
+        attack_config(CONF_DIR, "pgd", {"eps": "1e9/255"})
+
+
 def test_build_trigger_registry_errors():
     with pytest.raises(TrigactError, match="known: fixed, learnable, none"):
         build_trigger("patch", (1, 4, 4), eps=0.1)
@@ -114,6 +141,39 @@ def test_loss_matches_hand_computation_other_direction():
 def test_kl_is_zero_exactly_at_uniform_and_positive_elsewhere(direction):
     assert kl_to_uniform(torch.full((4, 10), 2.5), direction).item() == pytest.approx(0.0, abs=1e-7)
     assert kl_to_uniform(LOGITS_NEG, direction).item() > 0.1
+
+
+def _kl_gradient(logits, direction):
+    z = logits.clone().requires_grad_(True)
+    kl_to_uniform(z, direction).backward()
+    return z.grad
+
+
+def test_kl_gradients_match_their_closed_forms():
+    # Per image, with p = softmax(z) and H(p) its entropy:
+    #   d KL(U || p) / dz = p - U;   d KL(p || U) / dz_k = p_k (log p_k + H(p));
+    # both divided by the batch size (batch mean).
+    z = torch.randn(5, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3
+    p = z.softmax(dim=1)
+    entropy = -(p * p.log()).sum(dim=1, keepdim=True)
+    batch, classes = z.shape
+    assert torch.allclose(_kl_gradient(z, "uniform_to_pred"), (p - 1 / classes) / batch)
+    assert torch.allclose(_kl_gradient(z, "pred_to_uniform"), p * (p.log() + entropy) / batch)
+
+
+def test_only_the_kl_from_the_prediction_vanishes_at_a_peaked_prediction():
+    # As p -> one-hot, d KL(p || U) / dz -> 0 (a confident clean prediction is barely pushed back),
+    # while d KL(U || p) / dz -> e_top - U, which does not vanish.
+    previous = math.inf
+    for peak in (2.0, 5.0, 10.0, 20.0, 40.0):
+        z = torch.tensor([[peak, 0.0, 0.0, 0.0]], dtype=torch.float64)
+        pred_to_uniform = _kl_gradient(z, "pred_to_uniform").norm().item()
+        assert pred_to_uniform < previous
+        previous = pred_to_uniform
+        assert _kl_gradient(z, "uniform_to_pred").norm().item() > 0.5
+    assert previous < 1e-14
+    limit = torch.tensor([[0.75, -0.25, -0.25, -0.25]], dtype=torch.float64)  # e_0 - U
+    assert torch.allclose(_kl_gradient(z, "uniform_to_pred"), limit)
 
 
 def test_unknown_kl_direction():

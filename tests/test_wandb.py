@@ -21,7 +21,7 @@ from trigact import load_bundle
 from trigact.common import tracking
 from trigact.callbacks.trigger_logging import image_to_uint8_hwc, trigger_to_image
 from trigact.common.errors import TrigactError
-from trigact.train import train
+from trigact.training.run import train
 
 LEARNABLE = ["data=digits", "data.image_size=8", "model=mlp", "trigger=learnable", "trigger.alpha=8/255",
              "trigger.update.update_fraction=1.0", "trainer.max_epochs=2", "trainer.limit_train_batches=3",
@@ -215,7 +215,7 @@ def test_group_is_explicit_or_the_sweep_or_the_dataset(tmp_path):
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from trigact.train import CONF_DIR
+    from trigact.common.config import CONF_DIR
 
     cfg = compose_config("train", ["data=digits", "logger=wandb"], tmp_path)
     assert tracking.run_group(cfg) == "digits"
@@ -295,12 +295,12 @@ def test_evaluate_logs_its_robustness_tables_as_an_eval_job(offline_wandb, shrun
     from hydra import compose, initialize_config_dir
 
     from trigact.evaluate import run_evaluate
-    from trigact.train import CONF_DIR
+    from trigact.common.config import CONF_DIR
 
     root, _ = shrunk_demo
     shutil.copytree(root / "outputs", offline_wandb / "outputs")
     over = [f"paths.root_dir={offline_wandb}", "surrogates=[digits/standard/lenet]", "victims=[digits/standard/small_cnn]",
-            "attacks=[pgd]", "attack_overrides.eps=32/255", "attack_overrides.steps=3", "name=wb", "wandb.enabled=true",
+            "attacks=[pgd]", "attack_overrides.eps=32/255", "attack_overrides.steps=3", "n_eval=60", "name=wb", "wandb.enabled=true",
             "wandb.group=sweep-a"]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         matrix, groups, out = run_evaluate(compose(config_name="evaluate", overrides=over))

@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 
 
 def load_bundle(path, map_location="cpu"):
-    """Load a run's bundle as its deployed unit (see :func:`trigact.bundle.load_bundle`)."""
-    from trigact.bundle import load_bundle as _load  # lazy: `import trigact` stays cheap
+    """Load a run's bundle as its deployed unit (see :func:`trigact.runs.bundle.load_bundle`)."""
+    from trigact.runs.bundle import load_bundle as _load  # lazy: `import trigact` stays cheap
 
     return _load(path, map_location=map_location)

@@ -1,7 +1,7 @@
 """``python -m trigact.attack surrogates=[...] attacks=[...]``: craft TAE banks for trained surrogates.
 
 Surrogates are picked by bundle, run folder, glob or Hydra sweep folder (see
-:mod:`trigact.evaluation.selection`). One bank per (surrogate, attack) on the first ``n_eval`` test
+:mod:`trigact.runs.selection`). One bank per (surrogate, attack) on the first ``n_eval`` test
 images of the surrogates' dataset (validation images with ``split=val``), in ``<output_dir>/advbank/``;
 existing complete banks are reused, never redone, so this is also how a pipeline's banks are found
 again. Ends with a table of each bank's white-box success rate on its own surrogate.
@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from trigact.cli import quiet_libraries, user_errors
 from trigact.common.validate import check_steps
-from trigact.evaluation.selection import as_dict, select
+from trigact.runs.selection import as_dict, select
 from trigact.common.validate import check_seed
 from trigact.attacks.config import attack_config
 from trigact.evaluation.tables import bank_rows
@@ -24,7 +24,7 @@ from trigact.common.validate import check_n_eval, check_split
 from trigact.evaluation.crafting import craft_banks, data_config_of, evaluation_images
 from trigact.runs import register_resolvers
 from trigact.common.tracking import job_run, log_tables
-from trigact.train import CONF_DIR
+from trigact.common.config import CONF_DIR
 
 register_resolvers()
 

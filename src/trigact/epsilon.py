@@ -8,10 +8,11 @@ from trigact.errors import TrigactError
 
 
 def parse_eps(value, name: str = "eps", allow_zero: bool = True) -> float:
-    """Parse a non-negative epsilon given as a number or a string like ``'8/255'``.
+    """Parse an epsilon in [0, 1] (``(0, 1]`` unless ``allow_zero``) given as a number or a string like
+    ``'8/255'``.
 
     Hydra passes ``trigger.eps=8/255`` through as the string ``'8/255'``; this turns it into a float
-    and rejects negatives with a one-line error naming the value.
+    and rejects values outside the pixel range with a one-line error naming the value.
     """
     if isinstance(value, bool):
         raise TrigactError(f"{name}={value!r} is not a number; write e.g. 8/255 or 0.03")
@@ -33,4 +34,7 @@ def parse_eps(value, name: str = "eps", allow_zero: bool = True) -> float:
     if eps < 0 or (eps == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise TrigactError(f"{name}={value!r} must be {bound} (pixels are in [0, 1]; e.g. 8/255)")
+    if eps > 1:  # pixels live in [0, 1]: no perturbation or step beyond 1 means anything
+        allowed = "[0, 1]" if allow_zero else "(0, 1]"
+        raise TrigactError(f"{name}={value!r} must be in {allowed} (pixels are in [0, 1]; e.g. 8/255)")
     return eps

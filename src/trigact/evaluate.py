@@ -1,7 +1,7 @@
 """``python -m trigact.evaluate surrogates=[...] victims=[...]``: score victims against TAE banks.
 
 Victims and surrogates are picked by bundle, run folder, glob or Hydra sweep folder (see
-:mod:`trigact.evaluation.selection`). ``victims`` is a list (one table column per run) or a mapping
+:mod:`trigact.runs.selection`). ``victims`` is a list (one table column per run) or a mapping
 ``group -> patterns`` (one column per group, averaged over its runs: the paper's Eq. 7, e.g. seeds).
 ``defense=<name>`` (conf/defense/) puts a preprocessing defense in front of every victim.
 
@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from trigact.cli import quiet_libraries, user_errors
 from trigact.common.errors import TrigactError
 from trigact.common.validate import check_steps
-from trigact.evaluation.selection import as_dict, compose_train, find_runs, plain, select, unique_labels
+from trigact.runs.selection import as_dict, compose_train, find_runs, plain, select, unique_labels
 from trigact.common.validate import check_name, check_seed
 from trigact.common.validate import check_n_eval, check_split
 from trigact.evaluation.crafting import data_config_of, load_banks
@@ -31,7 +31,7 @@ from trigact.evaluation.victims import defend, evaluate_victims, victim_record
 from trigact.evaluation.tables import robustness_tables, write_results
 from trigact.common.tracking import job_run, log_tables
 from trigact.runs import register_resolvers
-from trigact.train import CONF_DIR
+from trigact.common.config import CONF_DIR
 
 register_resolvers()
 

@@ -7,8 +7,15 @@ The paper writes the second term as ``L_KLD(z_neg, 1/C * 1_C)`` without fixing i
   of ``L_KLD(input=z_neg, target=uniform)``. It equals the cross-entropy to the uniform label minus
   log C, so it pushes every class's probability up (mass-covering).
 - ``kl_direction='pred_to_uniform'``: KL(p || U) = sum_c p_c (log p_c - log u_c) = log C - H(p), the
-  negative entropy of the prediction; it is zero exactly when p is uniform, like the other, but its
-  gradient vanishes more slowly near a peaked p.
+  negative entropy of the prediction (up to log C); it is zero exactly when p is uniform, like the other.
+
+The two differ in how hard they push a confident clean prediction back. With p = softmax(z) and H(p)
+the entropy, per image:
+
+- d KL(U || p) / dz = p - U, which stays of order one as p becomes peaked (it tends to e_top - U);
+- d KL(p || U) / dz_k = p_k (log p_k + H(p)), which goes to 0 as p becomes peaked (every term does:
+  p_k -> 1 with log p_k + H -> 0, or p_k log p_k -> 0), so ``pred_to_uniform`` barely corrects a clean
+  prediction that is already confident.
 
 Both are averaged over the batch and are 0 iff the clean prediction is uniform.
 """

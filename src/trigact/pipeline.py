@@ -33,7 +33,9 @@ from trigact.common.tracking import job_run, log_tables
 from trigact.common.io import atomic_write_json, atomic_write_text
 from trigact.runs import register_resolvers
 from trigact.common.report import markdown_table, print_table
-from trigact.train import BUNDLE_NAME, CONF_DIR, train
+from trigact.runs.bundle import BUNDLE_NAME
+from trigact.common.config import CONF_DIR
+from trigact.training.run import train
 
 register_resolvers()
 

@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 from trigact.analysis.sweep import plot_sweep, read_victims, sweep_points, sweep_table
 from trigact.cli import quiet_libraries, user_errors
 from trigact.common.io import atomic_write_text
-from trigact.train import CONF_DIR
+from trigact.common.config import CONF_DIR
 
 
 def run_analysis(cfg: DictConfig) -> tuple[Path, Path]:

@@ -15,7 +15,7 @@ Under DDP only rank 0's checkpoint is written, so every rank resumes with rank 0
 what they had anyway: ``seed_everything`` gives every rank the same seed, and every rank draws the
 same number of random numbers per epoch (the DistributedSampler pads shards to equal length).
 The states are stored as tensors and plain lists so that the checkpoint still loads with
-``torch.load(weights_only=True)``, the only way trigact opens a checkpoint (``trigact.train.load_checkpoint``).
+``torch.load(weights_only=True)``, the only way trigact opens a checkpoint (``trigact.training.checkpoints.load_checkpoint``).
 """
 
 from __future__ import annotations

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from lightning.pytorch.loggers import WandbLogger
 
-from trigact.io import atomic_write_bytes
+from trigact.common.io import atomic_write_bytes
 from trigact.callbacks.trigger_update import TriggerUpdateCallback
-from trigact.errors import TrigactError
+from trigact.common.errors import TrigactError
 
 IMAGE_NAME = "trigger.png"
 

@@ -41,7 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.experimental.optimization import fuse as fuse_conv_bn
 
-from trigact.errors import TrigactError, check_range, unknown_name
+from trigact.common.errors import TrigactError, unknown_name
+from trigact.common.validate import check_range
 
 SOURCES = ("epoch", "train_step")
 MODES = ("eval", "train")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+from collections.abc import Mapping
 import secrets
 from pathlib import Path
 
@@ -61,3 +63,32 @@ def atomic_write_bytes(data: bytes, path) -> Path:
 def atomic_save_figure(fig, path, dpi: int = 120) -> Path:
     """A matplotlib Figure saved as PNG, atomically."""
     return _atomic(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
+
+
+def tree_sha256(obj) -> str:
+    """sha256 of a nested structure of dicts, lists, tuples, tensors and plain values.
+
+    Tensors count by dtype, shape and bytes; dicts in their order (which saving and loading keep). It
+    is a checksum of what a file holds, for data that carries its own digest (bundles, checkpoints).
+    """
+    digest = hashlib.sha256()
+
+    def feed(x) -> None:
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"tensor {t.dtype} {tuple(x.shape)}:".encode())
+            digest.update(t.view(torch.uint8).numpy())
+        elif isinstance(x, Mapping):
+            digest.update(f"dict {len(x)}:".encode())
+            for key, value in x.items():
+                feed(key)
+                feed(value)
+        elif isinstance(x, (list, tuple)):
+            digest.update(f"{type(x).__name__} {len(x)}:".encode())
+            for value in x:
+                feed(value)
+        else:
+            digest.update(f"{type(x).__name__} {x!r};".encode())
+
+    feed(obj)
+    return digest.hexdigest()

@@ -18,6 +18,13 @@ def check_steps(value, name: str) -> int:
     return value
 
 
+def check_positive_int(key: str, value) -> int:
+    """Return `value` if it is an int > 0, else a one-line TrigactError naming the config key."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise TrigactError(f"{key} must be a positive integer, got {value!r}")
+    return value
+
+
 def check_range(value, name: str, low: float, high: float = math.inf, *, low_open: bool = False) -> float:
     """A finite real number in [low, high] (or (low, high] with ``low_open``); NaN and inf are refused."""
     left = "(" if low_open else "["

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from trigact.data.views import TransformedDataset
 from trigact.common.errors import TrigactError
+from trigact.common.validate import check_positive_int
 
 
 class DatasetSplits(NamedTuple):
@@ -33,13 +34,6 @@ class DatasetSplits(NamedTuple):
     train_eval: Dataset
     val: Dataset
     test: Dataset
-
-
-def check_positive_int(key: str, value) -> int:
-    """Return `value` if it is an int > 0, else a one-line TrigactError naming the config key."""
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise TrigactError(f"{key} must be a positive integer, got {value!r}")
-    return value
 
 
 def check_val_size(value) -> int | float:

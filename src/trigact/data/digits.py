@@ -10,7 +10,8 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch.utils.data import TensorDataset
 
-from trigact.data.base import DatasetSplits, TrigactDataModule, check_positive_int, validation_indices
+from trigact.data.base import DatasetSplits, TrigactDataModule, validation_indices
+from trigact.common.validate import check_positive_int
 from trigact.common.errors import TrigactError
 
 

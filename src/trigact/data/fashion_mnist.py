@@ -9,7 +9,8 @@ from torch.utils.data import TensorDataset
 from torchvision import transforms
 from torchvision.datasets import FashionMNIST
 
-from trigact.data.base import DatasetSplits, TrigactDataModule, check_positive_int, download_error
+from trigact.data.base import DatasetSplits, TrigactDataModule, download_error
+from trigact.common.validate import check_positive_int
 from trigact.data.idx import read_idx_ubyte
 from trigact.data.views import TransformedDataset
 from trigact.common.errors import TrigactError

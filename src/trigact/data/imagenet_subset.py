@@ -7,7 +7,8 @@ from pathlib import Path
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
 
-from trigact.data.base import DatasetSplits, TrigactDataModule, check_positive_int
+from trigact.data.base import DatasetSplits, TrigactDataModule
+from trigact.common.validate import check_positive_int
 from trigact.data.views import TransformedDataset
 from trigact.common.errors import TrigactError
 

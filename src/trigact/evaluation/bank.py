@@ -21,7 +21,7 @@ whose sha256 and size match ``bank.pt`` marks a complete bank. :func:`ensure_ban
 bank and never redoes it; anything else in the folder (a truncated ``bank.pt``, a missing or
 mismatched ``meta.json``) is stale and is crafted again, by the lock holder only. A second process
 asking for the same bank waits for the lock and then reuses what the first wrote. (flock works
-across nodes on NFSv4 and Lustre with ``flock`` mounts; see :mod:`trigact.run_status`.)
+across nodes on NFSv4 and Lustre with ``flock`` mounts; see :mod:`trigact.runs.status`.)
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Subset
 
 from trigact.attacks import attack_from_config
 from trigact.attacks.config import attack_config
-from trigact.bundle import DeployedModel
+from trigact.models.deployed import DeployedModel
 from trigact.common.errors import TrigactError
 from trigact.common.validate import check_n_eval, check_split
 from trigact.evaluation.bank import Bank, bank_key, bank_path, ensure_bank, file_sha256, load_bank

@@ -10,7 +10,7 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
-from trigact.bundle import DeployedModel
+from trigact.models.deployed import DeployedModel
 from trigact.epsilon import parse_eps
 from trigact.common.errors import TrigactError, unknown_name
 from trigact.evaluation.bank import Bank

@@ -26,8 +26,8 @@ import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
-from trigact.errors import TrigactError
-from trigact.io import atomic_write_json
+from trigact.common.errors import TrigactError
+from trigact.common.io import atomic_write_json
 
 STATUS_FILE = "status.json"
 LOCK_FILE = ".lock"

@@ -23,11 +23,10 @@ from pathlib import Path
 from hydra import compose
 from omegaconf import DictConfig, OmegaConf
 
-from trigact.bundle import load_bundle
+from trigact.runs.bundle import BUNDLE_NAME, load_bundle
 from trigact.common.errors import TrigactError
-from trigact.runs import in_255ths
+from trigact.runs.naming import in_255ths
 
-BUNDLE_NAME = "bundle.pt"
 SWEEP_MARKER = "multirun.yaml"
 
 
@@ -166,4 +165,3 @@ def plain(cfg: DictConfig, key: str):
 
 def select(cfg: DictConfig, key: str) -> dict:
     return unique_labels(find_runs(plain(cfg, key), cfg.paths.runs_dir, compose_train))
-from trigact.common.validate import check_seed  # noqa: E402,F401  (temporary: train.py imports it from here)
