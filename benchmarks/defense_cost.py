@@ -44,7 +44,8 @@ from omegaconf import OmegaConf
 from trigact.cli import quiet_libraries
 from trigact.defenses import DiffPure, build_defense_from_config, defended
 from trigact.models import build_model
-from trigact.train import CONF_DIR, build_datamodule, build_run
+from trigact.common.config import CONF_DIR
+from trigact.training.build import build_datamodule, build_run
 
 # name -> (method config, trigger config); the first is the baseline.
 TRAINING = {
