@@ -10,7 +10,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 
 @pytest.fixture
 def digits8():
-    """Digits at 8x8: 1437 train / 360 test images, a few ms per batch with a small network."""
+    """Digits at 8x8: 1293 train / 144 val / 360 test images, a few ms per batch with a small network."""
     from trigact.data import DigitsDataModule
 
     dm = DigitsDataModule(image_size=8, batch_size=128, seed=0)
@@ -54,7 +54,7 @@ def shrunk_demo(tmp_path_factory):
     """
     from hydra import compose, initialize_config_dir
 
-    from trigact.pipeline import run_pipeline
+    from trigact.cli.pipeline import run_pipeline
     from trigact.common.config import CONF_DIR
 
     root = tmp_path_factory.mktemp("demo")

@@ -56,7 +56,7 @@ def test_errors_are_one_line(tmp_path):
 def test_analysis_of_the_demo_pipeline_results(shrunk_demo, tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from trigact.analysis.__main__ import run_analysis
+    from trigact.cli.analysis import run_analysis
     from trigact.common.config import CONF_DIR
 
     root, _ = shrunk_demo
@@ -74,7 +74,7 @@ def test_a_required_value_left_unset_is_a_one_line_cli_error(capsys):
     # `results: ???` in conf/analysis.yaml: OmegaConf's MissingMandatoryValue, not a traceback.
     from hydra import compose, initialize_config_dir
 
-    from trigact.analysis.__main__ import run_analysis
+    from trigact.cli.analysis import run_analysis
     from trigact.cli import user_errors
     from trigact.common.config import CONF_DIR
 

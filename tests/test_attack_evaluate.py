@@ -138,7 +138,7 @@ def test_a_sweep_folder_selects_its_jobs_runs_and_names_a_crashed_job(shrunk_dem
 
 
 def test_attack_reuses_the_pipelines_banks(shrunk_demo, tmp_path, capsys):
-    from trigact.attack import run_attack
+    from trigact.cli.attack import run_attack
 
     root = registry_copy(shrunk_demo, tmp_path)
     rows = run_entry("attack", root, [f"surrogates={SURROGATES}", *COMMON], run_attack)
@@ -150,7 +150,7 @@ def test_attack_reuses_the_pipelines_banks(shrunk_demo, tmp_path, capsys):
 
 
 def test_attack_crafts_a_missing_bank_and_another_for_another_n_eval(shrunk_demo, tmp_path, capsys):
-    from trigact.attack import run_attack
+    from trigact.cli.attack import run_attack
 
     root = registry_copy(shrunk_demo, tmp_path)
     over = [f"surrogates={SURROGATES}", "attacks=[ifgsm]", "attack_overrides.eps=32/255",
@@ -166,7 +166,7 @@ def test_attack_crafts_a_missing_bank_and_another_for_another_n_eval(shrunk_demo
 
 
 def test_evaluate_agrees_with_the_pipeline_cell_for_cell(shrunk_demo, tmp_path):
-    from trigact.evaluate import run_evaluate
+    from trigact.cli.evaluate import run_evaluate
 
     root = registry_copy(shrunk_demo, tmp_path)
     victims = "[digits/standard/small_cnn,digits/trigger_activation/small_cnn/fixed-*/s0]"
@@ -186,7 +186,7 @@ def test_evaluate_agrees_with_the_pipeline_cell_for_cell(shrunk_demo, tmp_path):
 
 
 def test_evaluate_with_a_defense_names_it_in_every_column_and_applies_it(shrunk_demo, tmp_path):
-    from trigact.evaluate import run_evaluate
+    from trigact.cli.evaluate import run_evaluate
 
     root = registry_copy(shrunk_demo, tmp_path)
     victims = "[digits/standard/small_cnn]"
@@ -203,7 +203,7 @@ def test_evaluate_with_a_defense_names_it_in_every_column_and_applies_it(shrunk_
 
 
 def test_evaluate_groups_average_their_runs(shrunk_demo, tmp_path):
-    from trigact.evaluate import run_evaluate
+    from trigact.cli.evaluate import run_evaluate
 
     root = registry_copy(shrunk_demo, tmp_path)
     victims = "{Triggers:[digits/trigger_activation],None:[digits/standard/small_cnn]}"
@@ -243,7 +243,7 @@ def test_pipeline_and_evaluate_write_the_same_table_clean_row_included(shrunk_de
     """
     from omegaconf import OmegaConf
 
-    from trigact.evaluate import run_evaluate
+    from trigact.cli.evaluate import run_evaluate
     from trigact.data import DigitsDataModule
     from trigact.evaluation.bank import dequantize, quantize
 

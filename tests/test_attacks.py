@@ -24,8 +24,8 @@ from trigact.attacks import (
     list_attacks,
     random_patch_mask,
 )
-from trigact.epsilon import parse_eps
-from trigact.errors import TrigactError
+from trigact.common.validate import parse_eps
+from trigact.common.errors import TrigactError
 from trigact.models import build_model
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "attack"
@@ -187,7 +187,7 @@ def test_defaults_and_step_size_reach_the_implementation(tiny_model):
 
 
 def test_feature_layer_default_and_override(tiny_model):
-    from trigact.bundle import DeployedModel
+    from trigact.models.deployed import DeployedModel
 
     deployed = DeployedModel(tiny_model, torch.zeros(1, 16, 16))
     assert (

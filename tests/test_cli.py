@@ -16,7 +16,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from trigact.cli import HydraCallback, SweepJobError, user_errors
-from trigact.train import CONF_DIR
+from trigact.common.config import CONF_DIR
 
 CALLBACK = "++hydra.callbacks.trigact._target_=trigact.cli.HydraCallback"
 READ_AND_WRITE = "paths.root_dir (or paths.output_dir) must be a folder you can read and write"
@@ -94,7 +94,7 @@ def test_a_read_only_registry_looks_up_finished_runs_and_refuses_new_ones_in_one
     """End to end, on a real read-only mount (a private mount namespace; skipped where there is none)."""
     if not _read_only_mount_works(tmp_path):
         pytest.skip("no private read-only bind mounts here (needs unshare -m as root)")
-    from trigact.train import train
+    from trigact.training.run import train
 
     root = tmp_path / "registry"
     small = [f"paths.root_dir={root}", "data.image_size=8", "model=mlp", "trainer.max_epochs=1",
@@ -128,7 +128,7 @@ APP = textwrap.dedent('''
     from pathlib import Path
 
     from trigact.cli import user_errors
-    from trigact.errors import TrigactError
+    from trigact.common.errors import TrigactError
 
     @hydra.main(version_base="1.3", config_path=None, config_name=None)
     def main(cfg):

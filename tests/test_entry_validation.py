@@ -42,13 +42,13 @@ def one_line_error(call, expected):
     ("attack_overrides.steps=2.5", "attack_overrides.steps=2.5 must be an integer >= 1"),
 ])
 def test_attack_refuses_bad_settings_in_one_line_before_loading_anything(override, expected, tmp_path):
-    from trigact.attack import run_attack
+    from trigact.cli.attack import run_attack
 
     one_line_error(lambda: run_entry("attack", tmp_path, [NO_RUNS, override], run_attack), expected)
 
 
 def test_attack_refuses_an_eps_above_one(tmp_path):
-    from trigact.attack import run_attack
+    from trigact.cli.attack import run_attack
 
     one_line_error(lambda: run_entry("attack", tmp_path, [NO_RUNS, "attack_overrides.eps=1e9/255"], run_attack),
                    "attack_overrides.eps='1e9/255'")
@@ -62,7 +62,7 @@ def test_attack_refuses_an_eps_above_one(tmp_path):
     ("split=train", "split='train' is not a split banks are crafted on; allowed: test, val"),
 ])
 def test_evaluate_refuses_bad_settings_in_one_line_before_loading_anything(override, expected, tmp_path):
-    from trigact.evaluate import run_evaluate
+    from trigact.cli.evaluate import run_evaluate
 
     one_line_error(lambda: run_entry("evaluate", tmp_path, [NO_RUNS, "victims=[x]", override], run_evaluate),
                    expected)
@@ -98,14 +98,14 @@ PIPELINE = ["experiment=demo", "pipeline.train_overrides=[" + ",".join(f"'{o}'" 
      "run lenet_again is surrogate surrogate_lenet: that is a white-box attack"),
 ])
 def test_the_pipeline_refuses_a_bad_plan_before_training(overrides, expected, tmp_path):
-    from trigact.pipeline import run_pipeline
+    from trigact.cli.pipeline import run_pipeline
 
     one_line_error(lambda: run_entry("pipeline", tmp_path, [*PIPELINE, *overrides], run_pipeline), expected)
     assert not list(tmp_path.rglob("bundle.pt")) and not (tmp_path / "outputs" / "runs").exists()
 
 
 def test_the_pipeline_plan_allows_a_whitebox_victim_when_asked(tmp_path):
-    from trigact.pipeline import check_evaluation_plan
+    from trigact.cli.pipeline import check_evaluation_plan
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="pipeline", overrides=[
@@ -120,7 +120,7 @@ def test_the_search_objectives_banks_hold_no_test_image(shrunk_demo, tmp_path):
 
     from trigact.data import DigitsDataModule
     from trigact.evaluation.bank import quantize
-    from trigact.pipeline import run_pipeline, search_objective
+    from trigact.cli.pipeline import run_pipeline, search_objective
 
     root, _ = shrunk_demo
     shutil.copytree(root / "outputs" / "runs", tmp_path / "outputs" / "runs")  # only "searched" trains

@@ -7,7 +7,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from trigact.pipeline import check_evaluation_plan, run_overrides, victim_groups
+from trigact.cli.pipeline import check_evaluation_plan, run_overrides, victim_groups
 from trigact.common.config import CONF_DIR
 
 PIPELINE_EXPERIMENTS = sorted(
@@ -55,7 +55,7 @@ def test_the_fashion_mnist_experiments_share_runs(tmp_path):
 ])
 def test_a_bad_evaluation_plan_fails_before_any_training(overrides, message, tmp_path):
     from trigact.common.errors import TrigactError
-    from trigact.pipeline import run_pipeline
+    from trigact.cli.pipeline import run_pipeline
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="pipeline", overrides=[f"paths.root_dir={tmp_path}", "experiment=demo", *overrides])

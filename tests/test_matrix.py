@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from trigact.errors import TrigactError
+from trigact.common.errors import TrigactError
 from trigact.evaluation.matrix import RobustnessMatrix, accuracy, evaluate_matrix
 
 NUM_CLASSES = 3

@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from trigact.cli import user_errors
-from trigact.train import CONF_DIR
+from trigact.common.config import CONF_DIR
 
 
 def slurm_config(tmp_path, devices=8, num_nodes=2, *extra):

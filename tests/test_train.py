@@ -204,7 +204,7 @@ def load_bundle_init_tau(tmp_path):
 def test_pipeline_forwards_its_paths_even_odd_ones(tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from trigact.pipeline import run_overrides
+    from trigact.cli.pipeline import run_overrides
     from trigact.common.config import CONF_DIR
 
     root = tmp_path / "a,b=c[d]"  # characters that Hydra's override grammar would otherwise parse
@@ -221,7 +221,7 @@ def test_demo_pipeline_trains_attacks_and_evaluates_end_to_end(shrunk_demo, caps
     from hydra import compose, initialize_config_dir
 
     from conftest import DEMO_OVERRIDES
-    from trigact.pipeline import run_pipeline
+    from trigact.cli.pipeline import run_pipeline
     from trigact.common.config import CONF_DIR
 
     root, rows = shrunk_demo

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trigact.epsilon import parse_eps
-from trigact.errors import TrigactError
+from trigact.common.validate import parse_eps
+from trigact.common.errors import TrigactError
 from trigact.losses import kl_to_uniform, trigger_activation_loss
 from trigact.triggers import build_trigger, fixed_trigger, learnable_trigger
 
@@ -84,9 +84,9 @@ def test_parse_eps_refuses_more_than_the_pixel_range(big):
 
 def test_callers_refuse_an_epsilon_above_one():
     from trigact.attacks import build_attack
-    from trigact.evaluation.transfer import attack_config
+    from trigact.attacks.config import attack_config
     from trigact.models import build_model
-    from trigact.train import CONF_DIR
+    from trigact.common.config import CONF_DIR
 
     with pytest.raises(TrigactError, match=r"^trigger.eps='1e9/255' must be in \(0, 1\]"):
         build_trigger("fixed", (1, 4, 4), eps="1e9/255")

@@ -1,4 +1,4 @@
-"""W&B (offline) through the train entry point and trigact.tracking: config, per-epoch metrics,
+"""W&B (offline) through the train entry point and trigact.common.tracking: config, per-epoch metrics,
 the trigger image, tables, groups and the offline notice.
 
 wandb 0.31 offline writes no config.yaml or wandb-summary.json: a run folder holds the record log
@@ -294,7 +294,7 @@ def test_evaluate_logs_its_robustness_tables_as_an_eval_job(offline_wandb, shrun
 
     from hydra import compose, initialize_config_dir
 
-    from trigact.evaluate import run_evaluate
+    from trigact.cli.evaluate import run_evaluate
     from trigact.common.config import CONF_DIR
 
     root, _ = shrunk_demo

@@ -28,7 +28,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from trigact.errors import unknown_name
+from trigact.common.errors import unknown_name
 
 KL_DIRECTIONS = ("uniform_to_pred", "pred_to_uniform")
 

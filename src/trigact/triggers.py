@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from trigact.epsilon import parse_eps
+from trigact.common.validate import parse_eps
 from trigact.common.errors import TrigactError, unknown_name
 
 

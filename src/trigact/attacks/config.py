@@ -7,7 +7,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from trigact.epsilon import parse_eps
+from trigact.common.validate import parse_eps
 from trigact.common.validate import check_steps
 from trigact.common.errors import unknown_name
 

@@ -10,7 +10,7 @@ instead of silently running something else.
 from __future__ import annotations
 
 from trigact.attacks.registry import register_attack
-from trigact.errors import TrigactError
+from trigact.common.errors import TrigactError
 
 
 @register_attack("diff_pgd", params={"alpha": None, "diffusion_weights": None})

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from trigact.epsilon import parse_eps
-from trigact.errors import TrigactError, unknown_name
+from trigact.common.devices import model_device
+from trigact.common.validate import parse_eps
+from trigact.common.errors import TrigactError, unknown_name
 
 # Paper settings of the project: L_inf budget 8/255, 20 iterations, step size eps / steps.
 DEFAULT_EPS = 8 / 255
@@ -81,13 +82,6 @@ def attack_info(name: str) -> AttackInfo:
     if name not in _ATTACKS:
         raise unknown_name("attack", name, _ATTACKS)
     return _ATTACKS[name]
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's parameters (or buffers); CPU for a module with neither."""
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
 
 
 class TransferAttack:

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchattack.attack import Attack
 
-from trigact.errors import TrigactError
+from trigact.common.errors import TrigactError
 
 FILLS = ("uniform", "zero")
 

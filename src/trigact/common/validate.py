@@ -7,22 +7,23 @@ training; the libraries call them again where a value enters (a datamodule, an a
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 from trigact.common.errors import TrigactError
 
 
+def check_int(value, name: str, minimum: int = 1, maximum: int | None = None) -> int:
+    """An integer in [minimum, maximum] (bools and floats refused): sizes, counts, widths, qualities."""
+    if (isinstance(value, bool) or not isinstance(value, int) or value < minimum
+            or (maximum is not None and value > maximum)):
+        allowed = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise TrigactError(f"{name}={value!r} must be an integer {allowed}")
+    return value
+
+
 def check_steps(value, name: str) -> int:
-    """An integer >= 1 (bools refused): steps, batch sizes, image counts."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise TrigactError(f"{name}={value!r} must be an integer >= 1")
-    return value
-
-
-def check_positive_int(key: str, value) -> int:
-    """Return `value` if it is an int > 0, else a one-line TrigactError naming the config key."""
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise TrigactError(f"{key} must be a positive integer, got {value!r}")
-    return value
+    """An integer >= 1: steps, batch sizes, image counts."""
+    return check_int(value, name, 1)
 
 
 def check_range(value, name: str, low: float, high: float = math.inf, *, low_open: bool = False) -> float:
@@ -70,3 +71,37 @@ def check_split(split) -> str:
 def check_n_eval(n) -> int | None:
     """``n_eval``: None (every image of the split) or an integer >= 1."""
     return None if n is None else check_steps(n, "n_eval")
+
+
+# Epsilons as the papers write them: ``8/255``, ``0.031``, ``0``.
+def parse_eps(value, name: str = "eps", allow_zero: bool = True) -> float:
+    """Parse an epsilon in [0, 1] (``(0, 1]`` unless ``allow_zero``) given as a number or a string like
+    ``'8/255'``.
+
+    Hydra passes ``trigger.eps=8/255`` through as the string ``'8/255'``; this turns it into a float
+    and rejects values outside the pixel range with a one-line error naming the value.
+    """
+    if isinstance(value, bool):
+        raise TrigactError(f"{name}={value!r} is not a number; write e.g. 8/255 or 0.03")
+    if isinstance(value, (int, float)):
+        eps = float(value)
+    elif isinstance(value, str):
+        try:
+            # Numerator and denominator separately: Fraction("0.5/255") is rejected, 0.5/255 is not odd.
+            parts = value.replace(" ", "").split("/")
+            if len(parts) > 2:
+                raise ValueError(value)
+            eps = float(Fraction(parts[0]) / Fraction(parts[1] if len(parts) == 2 else 1))
+        except (ValueError, ZeroDivisionError):
+            raise TrigactError(f"{name}={value!r} is not a number; write e.g. 8/255 or 0.03") from None
+    else:
+        raise TrigactError(f"{name}={value!r} is not a number; write e.g. 8/255 or 0.03")
+    if eps != eps or eps in (float("inf"), float("-inf")):
+        raise TrigactError(f"{name}={value!r} must be finite")
+    if eps < 0 or (eps == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise TrigactError(f"{name}={value!r} must be {bound} (pixels are in [0, 1]; e.g. 8/255)")
+    if eps > 1:  # pixels live in [0, 1]: no perturbation or step beyond 1 means anything
+        allowed = "[0, 1]" if allow_zero else "(0, 1]"
+        raise TrigactError(f"{name}={value!r} must be in {allowed} (pixels are in [0, 1]; e.g. 8/255)")
+    return eps

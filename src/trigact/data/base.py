@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from trigact.data.views import TransformedDataset
 from trigact.common.errors import TrigactError
-from trigact.common.validate import check_positive_int
+from trigact.common.validate import check_int
 
 
 class DatasetSplits(NamedTuple):
@@ -165,9 +165,9 @@ class TrigactDataModule(L.LightningDataModule):
         split_seed: int = 0,
     ) -> None:
         super().__init__()
-        self.batch_size = check_positive_int("data.batch_size", batch_size)
+        self.batch_size = check_int(batch_size, "data.batch_size")
         self.eval_batch_size = (
-            batch_size if eval_batch_size is None else check_positive_int("data.eval_batch_size", eval_batch_size)
+            batch_size if eval_batch_size is None else check_int(eval_batch_size, "data.eval_batch_size")
         )
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
             raise TrigactError(f"data.num_workers must be an integer >= 0, got {num_workers!r}")
@@ -291,7 +291,7 @@ class TrigactDataModule(L.LightningDataModule):
         DistributedSampler: no duplicates, so gradients summed over ranks equal the single-process sum exactly.
         """
         self._require_setup()
-        check_positive_int("world_size", world_size)
+        check_int(world_size, "world_size")
         if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
             raise TrigactError(f"rank must be an integer in [0, {world_size}), got {rank!r}")
         shard = Subset(self.train_eval_set, shard_indices(len(self.train_eval_set), rank, world_size))

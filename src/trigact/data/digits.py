@@ -11,7 +11,7 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import TensorDataset
 
 from trigact.data.base import DatasetSplits, TrigactDataModule, validation_indices
-from trigact.common.validate import check_positive_int
+from trigact.common.validate import check_int
 from trigact.common.errors import TrigactError
 
 
@@ -61,7 +61,7 @@ class DigitsDataModule(TrigactDataModule):
     ) -> None:
         """`loader_kwargs`: batch_size, eval_batch_size, num_workers, seed, pin_memory, val_size, split_seed (base)."""
         super().__init__(**loader_kwargs)
-        self.image_size = check_positive_int("data.image_size", image_size)
+        self.image_size = check_int(image_size, "data.image_size")
         if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:
             raise TrigactError(f"data.test_fraction must be a number strictly between 0 and 1, got {test_fraction!r}")
         self.test_fraction = float(test_fraction)

@@ -10,7 +10,7 @@ from torchvision import transforms
 from torchvision.datasets import FashionMNIST
 
 from trigact.data.base import DatasetSplits, TrigactDataModule, download_error
-from trigact.common.validate import check_positive_int
+from trigact.common.validate import check_int
 from trigact.data.idx import read_idx_ubyte
 from trigact.data.views import TransformedDataset
 from trigact.common.errors import TrigactError
@@ -48,7 +48,7 @@ class FashionMNISTDataModule(TrigactDataModule):
         self.root = Path(root)
         self.download = bool(download)
         self.augment = bool(augment)
-        self.image_size = check_positive_int("data.image_size", image_size)
+        self.image_size = check_int(image_size, "data.image_size")
 
     def _find_files(self) -> dict[str, Path] | None:
         """File name -> path for all four files from the first directory that has them all, else None."""

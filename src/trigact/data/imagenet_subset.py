@@ -8,7 +8,7 @@ from torchvision import transforms
 from torchvision.datasets import ImageFolder
 
 from trigact.data.base import DatasetSplits, TrigactDataModule
-from trigact.common.validate import check_positive_int
+from trigact.common.validate import check_int
 from trigact.data.views import TransformedDataset
 from trigact.common.errors import TrigactError
 
@@ -52,8 +52,8 @@ class ImageNetSubsetDataModule(TrigactDataModule):
         """`loader_kwargs`: batch_size, eval_batch_size, num_workers, seed, pin_memory, val_size, split_seed (base)."""
         super().__init__(**loader_kwargs)
         self.root = Path(root)
-        self.num_classes = check_positive_int("data.num_classes", num_classes)
-        self.image_size = check_positive_int("data.image_size", image_size)
+        self.num_classes = check_int(num_classes, "data.num_classes")
+        self.image_size = check_int(image_size, "data.image_size")
 
     def _folder(self, split: str) -> FirstClassesImageFolder:
         directory = self.root / split

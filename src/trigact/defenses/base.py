@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from trigact.common import validate
 from trigact.common.errors import TrigactError
 
 # OmegaConf's marker for a mandatory value nobody set (``weights: ???`` read without resolving).
@@ -78,30 +79,16 @@ class SeededDefense(Defense):
 
 
 def check_int(defense: str, name: str, value, minimum: int, maximum: int | None = None) -> int:
-    """An integer in [minimum, maximum] (bools rejected), else a one-line error naming the value."""
-    allowed = f"integers {minimum}..{maximum}" if maximum is not None else f"integers >= {minimum}"
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TrigactError(f"defense {defense!r}: {name}={value!r} is not an integer; allowed: {allowed}")
-    if value < minimum or (maximum is not None and value > maximum):
-        raise TrigactError(f"defense {defense!r}: {name}={value} is out of range; allowed: {allowed}")
-    return value
+    """A defense's integer parameter in [minimum, maximum]; the error names the defense."""
+    return validate.check_int(value, f"defense {defense!r}: {name}", minimum, maximum)
 
 
 def check_float(
     defense: str, name: str, value, minimum: float, maximum: float | None = None, *, open_min: bool = False
 ) -> float:
-    """A finite number >= minimum (> with ``open_min``) and <= maximum, else a one-line error."""
-    low = f"> {minimum}" if open_min else f">= {minimum}"
-    allowed = f"numbers {low}" + (f" and <= {maximum}" if maximum is not None else "")
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TrigactError(f"defense {defense!r}: {name}={value!r} is not a number; allowed: {allowed}")
-    value = float(value)
-    too_low = value <= minimum if open_min else value < minimum
-    if not math.isfinite(value) or too_low or (
-        maximum is not None and value > maximum
-    ):
-        raise TrigactError(f"defense {defense!r}: {name}={value!r} is out of range; allowed: {allowed}")
-    return value
+    """A defense's finite real parameter >= minimum (> with ``open_min``) and <= maximum."""
+    high = math.inf if maximum is None else maximum
+    return validate.check_range(value, f"defense {defense!r}: {name}", minimum, high, low_open=open_min)
 
 
 def check_choice(defense: str, name: str, value, choices) -> str:

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from trigact.epsilon import parse_eps
+from trigact.common.validate import parse_eps
 from trigact.common.errors import TrigactError
 from trigact.common.validate import check_name
 from trigact.common.io import atomic_write_bytes, atomic_write_json

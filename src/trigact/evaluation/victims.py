@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
 from trigact.models.deployed import DeployedModel
-from trigact.epsilon import parse_eps
+from trigact.common.validate import parse_eps
 from trigact.common.errors import TrigactError, unknown_name
 from trigact.evaluation.bank import Bank
 from trigact.evaluation.matrix import RobustnessMatrix, evaluate_matrix

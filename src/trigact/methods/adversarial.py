@@ -20,9 +20,8 @@ import torch
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from trigact.epsilon import parse_eps
 from trigact.common.errors import TrigactError
-from trigact.common.validate import check_range, check_steps  # noqa: F401  (re-exported)
+from trigact.common.validate import check_range, check_steps, parse_eps  # noqa: F401  (check_* re-exported)
 from trigact.methods.base import ClassifierModule
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
@@ -32,10 +31,7 @@ Forward = Callable[[torch.Tensor], torch.Tensor]
 
 def check_eps(value, name: str) -> float:
     """An L_inf radius or step in pixel units: ``'8/255'`` or a number, in (0, 1]."""
-    eps = parse_eps(value, name, allow_zero=False)
-    if eps > 1:
-        raise TrigactError(f"{name}={value!r} must be in (0, 1] (pixels are in [0, 1]; e.g. 8/255)")
-    return eps
+    return parse_eps(value, name, allow_zero=False)
 
 
 # --- the inner maximisation ------------------------------------------------------------------------------

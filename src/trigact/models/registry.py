@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from trigact.common import validate
 from trigact.common.errors import TrigactError, unknown_name
 from trigact.models.classifier import ClassifierNet
 from trigact.models.normalize import Normalize, check_stats
@@ -107,7 +108,7 @@ def build_model(
     info = model_info(name)
     check_int("num_classes", num_classes, 2)
     check_int("in_chans", in_chans, 1)
-    check_int("image_size", image_size, info.min_image_size, f" for model {name!r}")
+    check_int("image_size", image_size, info.min_image_size, f" (model {name!r})")
     mean, std = check_stats(mean, std, in_chans)
     builder = _BUILDERS[name]
     _check_kwargs(name, builder, kwargs)
@@ -125,11 +126,11 @@ def build_model(
 
 
 def check_int(name: str, value, minimum: int, context: str = "") -> None:
-    """Reject non-integers (bools included) and values below ``minimum`` with a one-line error."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TrigactError(f"{name}={value!r}{context} must be an integer >= {minimum}")
-    if value < minimum:
-        raise TrigactError(f"{name}={value}{context} is too small; allowed: integers >= {minimum}")
+    """A model's integer argument >= ``minimum``; ``context`` (e.g. `` (model 'mlp')``) ends the error."""
+    try:
+        validate.check_int(value, name, minimum)
+    except TrigactError as err:
+        raise TrigactError(f"{err}{context}") from None
 
 
 def _check_kwargs(name: str, builder: Callable[..., nn.Module], kwargs: dict) -> None:

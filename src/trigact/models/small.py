@@ -30,7 +30,7 @@ def _head(features: int, num_classes: int) -> OrderedDict:
 @register_model("small_cnn", family="small", feature_layer="backbone.block2", min_image_size=4)
 def small_cnn(num_classes: int, in_chans: int, image_size: int, width: int = 16) -> nn.Module:
     """Three conv-BN-ReLU blocks (width w, 2w, 4w; max-pool after the first two), average pool, linear."""
-    check_int("width", width, 1, " of small_cnn")
+    check_int("width", width, 1, " (model 'small_cnn')")
     return nn.Sequential(
         OrderedDict(
             block1=nn.Sequential(_conv_bn_relu(in_chans, width), nn.MaxPool2d(2)),
@@ -73,7 +73,7 @@ def _downsampling_block(in_chans: int, out_chans: int) -> BasicBlock:
 @register_model("tiny_resnet", family="small", feature_layer="backbone.layer2", min_image_size=4)
 def tiny_resnet(num_classes: int, in_chans: int, image_size: int, width: int = 16) -> nn.Module:
     """A 3x3 stem, three residual basic blocks (width w, 2w, 4w; stride 1, 2, 2), average pool, linear."""
-    check_int("width", width, 1, " of tiny_resnet")
+    check_int("width", width, 1, " (model 'tiny_resnet')")
     return nn.Sequential(
         OrderedDict(
             stem=_conv_bn_relu(in_chans, width),
@@ -88,7 +88,7 @@ def tiny_resnet(num_classes: int, in_chans: int, image_size: int, width: int = 1
 @register_model("mlp", family="small", feature_layer="backbone.act1", min_image_size=1)
 def mlp(num_classes: int, in_chans: int, image_size: int, hidden: int = 256) -> nn.Module:
     """Two hidden ReLU layers on the flattened image: no convolution; inputs must be image_size square."""
-    check_int("hidden", hidden, 1, " of mlp")
+    check_int("hidden", hidden, 1, " (model 'mlp')")
     return nn.Sequential(
         OrderedDict(
             flatten=nn.Flatten(),

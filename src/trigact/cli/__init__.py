@@ -1,4 +1,6 @@
-"""What every entry point shares: one-line errors for bad input, and quiet third-party logging.
+"""The entry points' bodies (``trigact.cli.train``, ``attack``, ``evaluate``, ``pipeline``, ``analysis``;
+``python -m trigact.<name>`` runs them) and what they share: one-line errors for bad input, and quiet
+third-party logging.
 
 :class:`HydraCallback` (``hydra.callbacks.trigact`` in every entry config) carries the same rule into
 what Hydra does around our code: a sweep point that failed on bad input ends in its one line, and an
@@ -19,7 +21,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf, open_dict, read_write
 from omegaconf.errors import MissingMandatoryValue
 
-from trigact.errors import TrigactError
+from trigact.common.errors import TrigactError
 
 # An output folder we may not write: the user's setup, not a bug, so one line rather than a traceback.
 UNWRITABLE = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})

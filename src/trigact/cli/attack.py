@@ -1,0 +1,76 @@
+"""``python -m trigact.attack surrogates=[...] attacks=[...]``: craft TAE banks for trained surrogates.
+
+Surrogates are picked by bundle, run folder, glob or Hydra sweep folder (see
+:mod:`trigact.runs.selection`). One bank per (surrogate, attack) on the first ``n_eval`` test
+images of the surrogates' dataset (validation images with ``split=val``), in ``<output_dir>/advbank/``;
+existing complete banks are reused, never redone, so this is also how a pipeline's banks are found
+again. Ends with a table of each bank's white-box success rate on its own surrogate.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from trigact.attacks.config import attack_config
+from trigact.cli import quiet_libraries, user_errors
+from trigact.common.config import CONF_DIR
+from trigact.common.tracking import job_run, log_tables
+from trigact.common.validate import check_n_eval, check_seed, check_split, check_steps
+from trigact.evaluation.crafting import craft_banks, data_config_of, evaluation_images
+from trigact.evaluation.tables import bank_rows
+from trigact.runs import register_resolvers
+from trigact.runs.selection import as_dict, select
+
+register_resolvers()
+
+
+def run_attack(cfg: DictConfig) -> list[dict]:
+    # Every setting is checked before the surrogates and the data load, and before the first bank.
+    batch_size, seed = check_steps(cfg.batch_size, "batch_size"), check_seed(cfg.seed, "seed")
+    n_eval, split = check_n_eval(cfg.get("n_eval")), check_split(cfg.get("split", "test"))
+    overrides, data_overrides = as_dict(cfg.get("attack_overrides")), as_dict(cfg.get("data_overrides"))
+    for attack in cfg.attacks:
+        attack_config(CONF_DIR, attack, overrides)
+    surrogates = select(cfg, "surrogates")
+    data_cfg = data_config_of(surrogates)
+    images = evaluation_images(data_cfg, n_eval, data_overrides, split=split)
+    banks = craft_banks(
+        cfg.paths.output_dir, data_cfg["name"], images, surrogates, list(cfg.attacks), CONF_DIR,
+        overrides=overrides, batch_size=batch_size, seed=seed, progress=bool(cfg.get("progress", True)),
+        n_eval=n_eval, split=split, data_overrides=data_overrides,
+    )
+    rows = bank_rows(banks)
+    run = job_run(cfg, "attack", f"attack-{data_cfg['name']}", Path(cfg.paths.output_dir))
+    if run is not None:
+        log_tables(run, {"banks": rows})
+        run.finish()
+    return rows
+
+
+def print_banks(rows: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="trigact.attack: TAE banks")
+    for column in ("surrogate", "attack", "n", "clean acc", "white-box success"):
+        table.add_column(column, justify="left" if column in ("surrogate", "attack") else "right")
+    for row in rows:
+        table.add_row(row["surrogate"], row["attack"], str(row["n"]), f"{100 * row['clean acc']:.2f}",
+                      f"{100 * row['white-box success']:.2f}")
+    Console().print(table)
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="attack")
+def main(cfg: DictConfig) -> None:
+    quiet_libraries()
+    with user_errors():
+        rows = run_attack(cfg)
+        print_banks(rows)
+        print(f"banks: {Path(cfg.paths.output_dir, 'advbank').resolve()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""``python -m trigact.evaluate surrogates=[...] victims=[...]``: score victims against TAE banks.
+
+Victims and surrogates are picked by bundle, run folder, glob or Hydra sweep folder (see
+:mod:`trigact.runs.selection`). ``victims`` is a list (one table column per run) or a mapping
+``group -> patterns`` (one column per group, averaged over its runs: the paper's Eq. 7, e.g. seeds).
+``defense=<name>`` (conf/defense/) puts a preprocessing defense in front of every victim.
+
+The banks must exist (``python -m trigact.attack`` or the pipeline made them), and are found by the
+settings they were crafted with (``attacks``, ``attack_overrides``, ``seed``, ``n_eval``, ``split``,
+``data_overrides``); evaluate never crafts. Clean accuracy is measured on the banks' own clean
+images (:func:`trigact.evaluation.victims.evaluate_victims`, shared with the pipeline), so no dataset is needed here. Writes
+``matrix.csv``, ``table.md``, ``robustness.png`` and ``victims.json`` to ``results_dir``
+(``<output_dir>/evaluate/<name>``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from trigact.cli import quiet_libraries, user_errors
+from trigact.common.config import CONF_DIR
+from trigact.common.errors import TrigactError
+from trigact.common.tracking import job_run, log_tables
+from trigact.common.validate import check_n_eval, check_name, check_seed, check_split, check_steps
+from trigact.evaluation.crafting import data_config_of, load_banks
+from trigact.evaluation.tables import robustness_tables, write_results
+from trigact.evaluation.victims import defend, evaluate_victims, victim_record
+from trigact.runs import register_resolvers
+from trigact.runs.selection import as_dict, compose_train, find_runs, plain, select, unique_labels
+
+register_resolvers()
+
+
+def victim_columns(cfg: DictConfig) -> dict[str, dict]:
+    """Column name -> {table name -> deployed model}."""
+    spec = plain(cfg, "victims")
+    if isinstance(spec, (str, list)):
+        return {label: {label: model} for label, model in unique_labels(find_runs(spec, cfg.paths.runs_dir, compose_train)).items()}
+    if isinstance(spec, dict) and spec:
+        return {group: unique_labels(find_runs(patterns, cfg.paths.runs_dir, compose_train)) for group, patterns in spec.items()}
+    raise TrigactError("victims must be a list of runs (one column each) or a mapping group -> runs")
+
+
+def run_evaluate(cfg: DictConfig):
+    # Settings first: a bad one must not wait for every bundle and bank to load.
+    check_name(cfg.name, "name")  # a folder name under outputs/evaluate, not a path out of it
+    batch_size = check_steps(cfg.batch_size, "batch_size")
+    # What the banks were crafted with: they are found by it.
+    seed, n_eval, split = check_seed(cfg.seed, "seed"), check_n_eval(cfg.get("n_eval")), check_split(cfg.get("split", "test"))
+    surrogates = select(cfg, "surrogates")
+    columns = victim_columns(cfg)
+    everyone = {**surrogates, **{n: m for group in columns.values() for n, m in group.items()}}
+    data_name = data_config_of(everyone)["name"]
+    banks = load_banks(cfg.paths.output_dir, data_name, surrogates, list(cfg.attacks), CONF_DIR,
+                       as_dict(cfg.get("attack_overrides")), seed=seed, n_eval=n_eval, split=split,
+                       data_overrides=as_dict(cfg.get("data_overrides")))
+    defense = as_dict(cfg.get("defense")) or None
+    if defense and defense.get("name") in (None, "none"):
+        defense = None
+    tag = defense.get("label", defense["name"]) if defense else None
+
+    victims, runs, records, groups = {}, {}, [], {}
+    for group, members in columns.items():
+        column = f"{group} + {tag}" if tag else group  # the table says which defense stood in front
+        groups[column] = []
+        for label, model in members.items():
+            name = column if len(members) == 1 and label == group else f"{column} / {label}"
+            victims[name], runs[name] = defend(model, defense), model.meta.get("path")
+            records.append(victim_record(name, column, model, tag))
+            groups[column].append(name)
+    matrix = evaluate_victims(victims, surrogates, banks, allow_whitebox=bool(cfg.allow_whitebox),
+                           batch_size=batch_size, victim_runs=runs)
+    out = write_results(matrix, groups, records, cfg.results_dir)
+    run = job_run(cfg, "eval", f"eval-{Path(out).name}", out)
+    if run is not None:
+        log_tables(run, robustness_tables(matrix, groups, records))
+        run.finish()
+    return matrix, groups, out
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    quiet_libraries()
+    with user_errors():
+        matrix, groups, out = run_evaluate(cfg)
+        print(matrix.to_markdown(groups))
+        print(f"results: {Path(out).resolve()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,236 @@
+"""``python -m trigact.pipeline experiment=<name>``: the main job.
+
+1. train: every run the experiment names (runs whose bundle exists are skipped, so re-running
+   resumes where it stopped); ``accuracy.md`` has each model's accuracy with and without its trigger.
+2. attack: when the experiment names ``surrogates`` and ``attacks``, one TAE bank per (surrogate,
+   attack) on the first ``n_eval`` images of ``pipeline.split`` (``test`` for final tables, ``val``
+   for model selection such as ``hparams_search``); existing banks are reused.
+3. evaluate: every victim (grouped, e.g. one group per defense) against every bank: ``matrix.csv``,
+   the paper-style ``table.md`` (Clean, one row per attack, Mean; Eq. 5-7) and ``robustness.png``.
+   Clean accuracy is measured on the banks' own quantized clean images, as ``trigact.evaluate``
+   measures it (:func:`trigact.evaluation.victims.evaluate_victims`), so both write the same table.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import torch
+from hydra import compose
+from omegaconf import DictConfig, OmegaConf
+
+from trigact.attacks.config import attack_config
+from trigact.cli import quiet_libraries, user_errors
+from trigact.common.config import CONF_DIR
+from trigact.common.errors import TrigactError, unknown_name
+from trigact.common.io import atomic_write_json, atomic_write_text
+from trigact.common.report import markdown_table, print_table
+from trigact.common.tracking import job_run, log_tables
+from trigact.common.validate import check_n_eval, check_seed, check_split
+from trigact.evaluation.crafting import craft_banks, evaluation_images
+from trigact.evaluation.tables import bank_rows, robustness_tables, write_results
+from trigact.evaluation.victims import defend, defense_config, evaluate_victims, victim_record
+from trigact.runs import register_resolvers
+from trigact.runs.bundle import BUNDLE_NAME, load_bundle
+from trigact.training.run import train
+
+register_resolvers()
+
+
+def run_overrides(cfg: DictConfig, name: str) -> list[str]:
+    """The train-config overrides for one run: the experiment's common ones, then the run's own."""
+    own = cfg.pipeline.runs[name]
+    if own is None or isinstance(own, str) or not OmegaConf.is_list(own):
+        raise TrigactError(f"pipeline.runs.{name} must be a list of train overrides, e.g. [method=standard]")
+    # The pipeline's own path settings apply to its training runs too (quoted: paths may hold , = [).
+    shared = [f"paths.{key}={quote(cfg.paths[key])}" for key in FORWARDED_PATHS] + [f"seed={cfg.seed}"]
+    if cfg.get("wandb") and cfg.wandb.enabled:  # the training runs log to W&B in the pipeline's group
+        shared += ["logger=wandb", f"logger.wandb.group={quote(wandb_group(cfg))}"]
+        shared += [f"logger.wandb.project={quote(cfg.wandb.project)}"]
+    return shared + list(cfg.pipeline.train_overrides) + list(own)
+
+
+def wandb_group(cfg: DictConfig) -> str:
+    return cfg.wandb.group or f"pipeline-{cfg.pipeline.name}"
+
+
+FORWARDED_PATHS = ("root_dir", "data_dir", "output_dir", "runs_dir")
+
+
+def quote(value) -> str:
+    """A Hydra override value that is taken literally."""
+    return "'" + str(value).replace("'", "\\'") + "'"
+
+
+def run_pipeline(cfg: DictConfig) -> list[dict]:
+    if not cfg.get("pipeline") or not cfg.pipeline.get("runs"):
+        raise TrigactError("no runs to do: choose an experiment, e.g. experiment=demo (see conf/experiment/)")
+    check_seed(cfg.seed, "seed")  # every run and bank is seeded with it
+    # Composing is cheap: every run's config (and so its run folder) is known before any training.
+    train_cfgs = {name: compose(config_name="train", overrides=run_overrides(cfg, name)) for name in cfg.pipeline.runs}
+    if cfg.pipeline.get("attacks"):
+        check_evaluation_plan(cfg, {name: c.paths.run_dir for name, c in train_cfgs.items()})  # before hours of training
+    rows = []
+    for name, train_cfg in train_cfgs.items():
+        print(f"== run {name}: {train_cfg.paths.run_dir}")
+        rows.append({"name": name, **train(train_cfg)})
+    out = Path(cfg.paths.results_dir)
+    atomic_write_text(markdown_table(rows), out / "accuracy.md")
+    atomic_write_json(rows, out / "runs.json")
+    if cfg.pipeline.get("attacks"):
+        matrix, columns = attack_and_evaluate(cfg, train_cfgs, out)
+        print(matrix.to_markdown(columns))
+    else:
+        atomic_write_text(markdown_table(rows), out / "table.md")
+    return rows
+
+
+def victim_groups(cfg: DictConfig) -> dict[str, dict]:
+    """``pipeline.victims``: group name (a table column) -> ``{"runs": [...], "defense": name or None}``.
+
+    A group is a list of run names, or a mapping with ``runs`` and a ``defense`` (a conf/defense name)
+    put in front of each of its victims; ``defense=`` on the command line applies to every group
+    that names none.
+    """
+    if not cfg.pipeline.get("victims"):
+        raise TrigactError("pipeline.victims is empty: name the runs to evaluate, e.g. "
+                           "pipeline.victims={'No defense':[standard]}")
+    groups = OmegaConf.to_container(cfg.pipeline.victims, resolve=True)
+    if isinstance(groups, (list, str)):  # a plain list of runs: one column each, as in evaluate
+        groups = {run: [run] for run in ([groups] if isinstance(groups, str) else groups)}
+    default_defense = OmegaConf.to_container(cfg.defense, resolve=True) if cfg.get("defense") else None
+    if default_defense and default_defense.get("name") in (None, "none"):
+        default_defense = None
+    parsed = {}
+    for group, spec in groups.items():
+        if isinstance(spec, dict):
+            unknown = set(spec) - {"runs", "defense"}
+            if unknown or "runs" not in spec:
+                raise TrigactError(f"pipeline.victims.{group} must be a list of runs or {{runs: [...], defense: name}}")
+            runs, defense = spec["runs"], spec.get("defense")
+        else:
+            runs, defense = spec, None
+        runs = list(runs) if isinstance(runs, list) else [runs]
+        parsed[group] = {"runs": runs, "defense": defense or default_defense}
+    return parsed
+
+
+def check_evaluation_plan(cfg: DictConfig, run_dirs: dict[str, str] | None = None) -> None:
+    """Fail in seconds, not after the training stage, on a mistake in the attack/evaluate plan: no
+    surrogates, a surrogate or victim that is not one of ``pipeline.runs``, a victim that is a
+    surrogate's run (unless ``pipeline.allow_whitebox``), a bad ``pipeline.n_eval`` or
+    ``pipeline.split``, an unknown attack or a bad ``attack_overrides`` value, an unknown defense or
+    one that cannot be built (e.g. NRP without weights).
+
+    ``run_dirs``: run name -> run folder; two names with one folder are one run (by default each
+    name is its own run)."""
+    surrogate_names = list(cfg.pipeline.get("surrogates") or [])
+    if not surrogate_names:
+        raise TrigactError("pipeline.attacks is set but pipeline.surrogates is empty: name the runs to craft TAEs on")
+    groups = victim_groups(cfg)
+    for name in surrogate_names + [v for spec in groups.values() for v in spec["runs"]]:
+        if name not in cfg.pipeline.runs:
+            raise unknown_name("pipeline run", name, list(cfg.pipeline.runs))
+    try:
+        check_n_eval(cfg.pipeline.get("n_eval"))
+        check_split(cfg.pipeline.get("split", "test"))
+    except TrigactError as err:  # "n_eval=... must be": named as the key the user set
+        raise TrigactError(f"pipeline.{err}") from None
+    if not cfg.pipeline.get("allow_whitebox", False):
+        run_of = (lambda name: str(run_dirs[name])) if run_dirs else (lambda name: name)
+        surrogate_of = {run_of(s): s for s in surrogate_names}
+        for group, spec in groups.items():
+            for victim in spec["runs"]:
+                if run_of(victim) in surrogate_of:
+                    raise TrigactError(
+                        f"pipeline.victims.{group}: run {victim} is surrogate {surrogate_of[run_of(victim)]}: that "
+                        "is a white-box attack, not a transfer; set pipeline.allow_whitebox=true to evaluate it anyway"
+                    )
+    overrides = OmegaConf.to_container(cfg.pipeline.attack_overrides, resolve=True) if cfg.pipeline.get("attack_overrides") else {}
+    for attack in cfg.pipeline.attacks:
+        attack_config(CONF_DIR, attack, overrides)
+    for spec in groups.values():
+        defense = spec["defense"] if isinstance(spec["defense"], dict) else defense_config(CONF_DIR, spec["defense"])
+        defend(torch.nn.Identity(), defense)  # builds it: bad parameters and missing weights fail here
+
+
+def attack_and_evaluate(cfg: DictConfig, train_cfgs: dict, out: Path):
+    """Stages 2 and 3 for the experiment's surrogates, attacks and victim groups (checked by
+    :func:`check_evaluation_plan` before the training stage)."""
+    groups = victim_groups(cfg)
+    surrogate_names = list(cfg.pipeline.surrogates)
+
+    def deployed(name):
+        return load_bundle(Path(train_cfgs[name].paths.run_dir) / BUNDLE_NAME)
+
+    first = train_cfgs[surrogate_names[0]]
+    n_eval, split = cfg.pipeline.get("n_eval"), cfg.pipeline.get("split", "test")
+    images = evaluation_images(OmegaConf.to_container(first.data, resolve=True), n_eval, split=split)
+    surrogates = {n: deployed(n) for n in surrogate_names}
+    banks = craft_banks(
+        cfg.paths.output_dir, first.data.name, images, surrogates, list(cfg.pipeline.attacks), CONF_DIR,
+        overrides=OmegaConf.to_container(cfg.pipeline.attack_overrides, resolve=True) if cfg.pipeline.get("attack_overrides") else {},
+        seed=cfg.seed, n_eval=n_eval, split=split,
+    )
+    if cfg.get("wandb") and cfg.wandb.enabled:
+        run = job_run(OmegaConf.merge(cfg, {"wandb": {"group": wandb_group(cfg)}}), "attack",
+                      f"attack-{cfg.pipeline.name}", out)
+        if run is not None:
+            log_tables(run, {"banks": bank_rows(banks)})
+            run.finish()
+    victims, runs, records, columns = {}, {}, [], {}
+    for group, spec in groups.items():
+        defense = spec["defense"] if isinstance(spec["defense"], dict) else defense_config(CONF_DIR, spec["defense"])
+        defense_name = defense["name"] if defense else None
+        tag = defense.get("label", defense_name) if defense else None
+        columns[group] = []
+        for run in spec["runs"]:
+            name = run if not defense else f"{run} + {tag}"
+            if name not in victims:
+                model = deployed(run)
+                victims[name], runs[name] = defend(model, defense), model.meta.get("path")
+                records.append(victim_record(name, group, model, tag))
+            columns[group].append(name)
+    matrix = evaluate_victims(victims, surrogates, banks, allow_whitebox=cfg.pipeline.get("allow_whitebox", False),
+                           victim_runs=runs)
+    write_results(matrix, columns, records, out)
+    if cfg.get("wandb") and cfg.wandb.enabled:
+        wandb_cfg = OmegaConf.merge(cfg, {"wandb": {"group": wandb_group(cfg)}})
+        run = job_run(wandb_cfg, "eval", f"eval-{cfg.pipeline.name}", out)
+        if run is not None:
+            log_tables(run, robustness_tables(matrix, columns, records))
+            run.finish()
+    return matrix, columns
+
+
+def search_objective(cfg: DictConfig, results_dir) -> float:
+    """``hparams_search``'s value for Optuna: the searched run's mean robust accuracy (over attacks
+    and surrogates) when its clean accuracy reaches ``search.clean_floor``, else ``clean - floor`` (< 0).
+    Both are measured on the banks of ``pipeline.split`` (the search sets ``val``: no test image)."""
+    import json
+
+    run, floor = cfg.search.run, float(cfg.search.clean_floor)
+    records = {r["name"]: r for r in json.loads((Path(results_dir) / "victims.json").read_text())}
+    if run not in records:
+        raise TrigactError(f"search.run={run!r} is not a victim of this experiment; victims: {', '.join(records)}")
+    clean, robust = records[run]["clean_acc"], records[run]["mean_robust_acc"]
+    value = robust if clean >= floor else clean - floor
+    print(f"objective: {value:.4f} (clean {clean:.2%}, floor {floor:.0%}, mean robust {robust:.2%})")
+    return float(value)
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="pipeline")
+def main(cfg: DictConfig) -> float | None:
+    quiet_libraries()
+    with user_errors():
+        rows = run_pipeline(cfg)
+        print_table(rows, f"trigact.pipeline experiment={cfg.pipeline.name}")
+        print(f"results: {Path(cfg.paths.results_dir).resolve()}")
+        if cfg.get("search"):
+            return search_objective(cfg, cfg.paths.results_dir)
+    return None
+
+
+if __name__ == "__main__":
+    main()
