@@ -90,6 +90,24 @@ def test_only_settings_that_change_the_model_are_hashed(tmp_path):
     assert name(tmp_path, "trainer.limit_train_batches=1") != name(tmp_path, "trainer.limit_train_batches=1.0")
 
 
+def test_eval_batch_size_counts_only_for_a_train_mode_trigger_pass(tmp_path):
+    """The epoch pass of Algorithm 2 in train mode uses batch statistics over data.eval_batch_size
+    images, so there the size changes the trigger; in eval mode (the default) it changes nothing."""
+    def name(tmp_path, *extra):
+        return run_name(compose_config("train", ["data=digits", "model=small_cnn", "trigger=learnable", *extra], tmp_path))
+
+    learnable = []
+    for mode in ("eval", "train"):
+        base = [*learnable, f"trigger.update.mode={mode}"]
+        same = name(tmp_path, *base) == name(tmp_path, *base, "data.eval_batch_size=7")
+        assert same == (mode == "eval"), mode
+    # null means batch_size: writing it out moves no run
+    train_mode = [*learnable, "trigger.update.mode=train"]
+    assert name(tmp_path, *train_mode) == name(tmp_path, *train_mode, "data.eval_batch_size=${data.batch_size}")
+    assert name(tmp_path, *train_mode, "trigger.update.source=train_step") == \
+        name(tmp_path, *train_mode, "trigger.update.source=train_step", "data.eval_batch_size=7")
+
+
 def test_every_trainer_and_datamodule_argument_is_decided_on():
     """A new Lightning Trainer argument or datamodule argument must be put in HASHED or NOT_HASHED."""
     trainer = inspect.signature(L.Trainer.__init__).parameters

@@ -23,7 +23,7 @@ from datetime import datetime
 
 from omegaconf import OmegaConf
 
-from trigact.epsilon import parse_eps
+from trigact.common.validate import parse_eps
 from trigact.common.errors import TrigactError
 
 
@@ -66,6 +66,7 @@ HASHED = {
 }
 # Not used by the hash. Every argument of a datamodule and of lightning.Trainer is named either in
 # HASHED or here, and tests/test_runs.py checks that, so a new argument gets decided on, not dropped.
+# `data.eval_batch_size` is the one conditional key: see _data_key.
 NOT_HASHED = {
     "data": ("root", "download", "num_workers", "pin_memory", "eval_batch_size"),
     "trainer": ("accelerator", "strategy", "devices", "num_nodes", "plugins", "logger", "callbacks",
@@ -164,6 +165,18 @@ def _trainer_key(trainer: dict) -> dict:
     return key
 
 
+def _data_key(data: dict, cfg) -> dict:
+    key = {k: v for k, v in data.items() if k in HASHED["data"] and v is not None}
+    # Algorithm 2's epoch pass with the network in train mode normalises each batch by its own
+    # statistics, and its batches are data.eval_batch_size images: only then does that size change
+    # the trigger, and so the model.
+    update = OmegaConf.select(cfg, "trigger.update") if OmegaConf.is_config(cfg) else None
+    if (cfg.get("trigger") or {}).get("kind") == "learnable" and update is not None \
+            and update.get("source", "epoch") == "epoch" and update.get("mode", "eval") == "train":
+        key["eval_batch_size"] = data.get("eval_batch_size") or data.get("batch_size")
+    return key
+
+
 def config_hash(cfg) -> str:
     """8 hex digits identifying what a config trains (HASHED says what counts)."""
     key = {}
@@ -175,6 +188,8 @@ def config_hash(cfg) -> str:
         if isinstance(value, dict):
             if group == "trainer":
                 value = _trainer_key(value)
+            elif group == "data":
+                value = _data_key(value, cfg)
             elif keys is not None:
                 value = {k: v for k, v in value.items() if k in keys and v is not None}
             # The seed is already in the folder name (s<seed>); a group seed that just follows it
