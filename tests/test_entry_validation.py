@@ -94,7 +94,7 @@ PIPELINE = ["experiment=demo", "pipeline.train_overrides=[" + ",".join(f"'{o}'" 
     (["seed=abc"], "seed='abc' must be an integer in [0, 4294967295]"),
     (["+pipeline.victims.W=[surrogate_lenet]"], "pipeline.victims.W: run surrogate_lenet is surrogate surrogate_lenet"),
     # Another name for the same run (same overrides, so the same run folder) is still the surrogate.
-    (["+pipeline.runs.lenet_again=['method=standard','model=lenet']", "+pipeline.victims.W=[lenet_again]"],
+    (["+pipeline.runs.lenet_again=['method=standard','model=lenet','optimizer.lr=0.05']", "+pipeline.victims.W=[lenet_again]"],
      "run lenet_again is surrogate surrogate_lenet: that is a white-box attack"),
 ])
 def test_the_pipeline_refuses_a_bad_plan_before_training(overrides, expected, tmp_path):
