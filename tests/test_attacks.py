@@ -16,8 +16,9 @@ from torch import nn
 from trigact.attacks import (
     DEFAULT_EPS,
     DEFAULT_STEPS,
+    FAMILIES,
+    AttackSpec,
     aggregate_gradient,
-    attack_from_config,
     attack_info,
     build_attack,
     expand_patches,
@@ -30,7 +31,12 @@ from trigact.models import build_model
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "attack"
 EPS = 8 / 255
-# Cheap settings for the ensemble-heavy attacks; the pinned paper values are tested in the configs.
+# Cheap settings for the ensemble-heavy attacks (the pinned paper values are tested in the configs),
+# attacks that cannot run on the tiny CNN here (name -> why; each has its own test of that), and the
+# strength tests' steps, one settings file per attack family so that they are edited apart.
+from _attack_settings_common import SMALL as _SMALL_COMMON, STEPS as _STEPS_COMMON, UNAVAILABLE as _UN_COMMON  # noqa: E402
+from _attack_settings_feature import SMALL as _SMALL_FEATURE, STEPS as _STEPS_FEATURE, UNAVAILABLE as _UN_FEATURE  # noqa: E402
+
 SMALL = {
     "naa": {"num_ens": 4},
     "fia": {"num_ens": 4},
@@ -38,8 +44,10 @@ SMALL = {
     "bsr": {"num_scale": 4},
     "gra": {"num_neighbors": 4},
     "l2t": {"num_scale": 2},
+    **_SMALL_COMMON,
+    **_SMALL_FEATURE,
 }
-UNAVAILABLE = {"diff_pgd"}
+UNAVAILABLE = {"diff_pgd": "needs a pretrained diffusion model", **_UN_COMMON, **_UN_FEATURE}
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +68,7 @@ def tiny_model():
     ).eval()
 
 
-RUNNABLE = sorted(set(list_attacks()) - UNAVAILABLE)
+RUNNABLE = sorted(set(list_attacks()) - set(UNAVAILABLE))
 
 
 def raw_attack_output(attack, x, y):
@@ -96,7 +104,8 @@ def test_attack_respects_budget_and_box(name, tiny_model, digits_batch):
     _, x, y = digits_batch
     torch.manual_seed(0)
     # Steps of a whole eps: three of them leave the ball unless the attack projects back into it.
-    attack = build_attack(name, tiny_model, eps="8/255", steps=3, alpha="8/255", **SMALL.get(name, {}))
+    whole_steps = {"alpha": "8/255"} if "alpha" in attack_info(name).params else {}
+    attack = build_attack(name, tiny_model, eps="8/255", steps=3, **whole_steps, **SMALL.get(name, {}))
     x_adv, raw = raw_attack_output(attack, x, y)
     assert_within_budget(raw, x, EPS)  # the attack's own output, not just our projection of it
     assert_within_budget(x_adv, x, EPS)
@@ -104,16 +113,24 @@ def test_attack_respects_budget_and_box(name, tiny_model, digits_batch):
     assert not tiny_model.training
 
 
-def test_budget_check_catches_an_attack_that_ignores_its_budget(tiny_model, digits_batch, monkeypatch):
-    from trigact.attacks import registry
+def test_budget_check_catches_an_attack_that_ignores_its_budget(tiny_model, digits_batch):
+    from torchattack.attack import Attack, register_attack
 
-    def overshooting(model, *, device, eps, steps):
-        # Steps 3 eps away and out of the pixel box: the wrapper's projection hides both.
-        return lambda x, y: x + 3 * eps * torch.randn_like(x).sign()
+    @register_attack("TrigactTestOvershoot")
+    class Overshoot(Attack):
+        """Steps 3 eps away and out of the pixel box: the wrapper's projection hides both."""
 
-    monkeypatch.setitem(registry._ATTACKS, "overshoot", registry.AttackInfo("overshoot", overshooting))
+        def __init__(self, model, normalize=None, device=None, eps=8 / 255):
+            super().__init__(model, normalize, device)
+            self.eps = eps
+
+        def forward(self, x, y):
+            return x + 3 * self.eps * torch.randn_like(x).sign()
+
+    spec = AttackSpec.from_mapping({"name": "overshoot", "attack": "TrigactTestOvershoot", "family": "gradient",
+                                    "paper": "a deliberately broken attack"})
     _, x, y = digits_batch
-    x_adv, raw = raw_attack_output(build_attack("overshoot", tiny_model, eps="8/255"), x, y)
+    x_adv, raw = raw_attack_output(build_attack(spec, tiny_model, eps="8/255"), x, y)
     assert_within_budget(x_adv, x, EPS)  # the projected output looks fine ...
     with pytest.raises(AssertionError, match="eps-ball"):
         assert_within_budget(raw, x, EPS)  # ... the raw output does not
@@ -152,14 +169,15 @@ def _other_value(key, value):
         return value + 1
     if isinstance(value, float):
         return value / 2
-    if isinstance(value, tuple):
+    if isinstance(value, (tuple, list)):
         return value[:1]
     raise AssertionError(f"no other value for {key}={value!r}")
 
 
 def _impl_setting(attack, key):
-    # Feature-level implementations (torchattack's and our RPA) name the layer feature_layer_cfg.
-    return getattr(attack.impl, "feature_layer_cfg" if key == "feature_layer" else key)
+    # Feature-level implementations name the layer as their config's layer_arg says (feature_layer_cfg).
+    value = getattr(attack.impl, attack.spec.layer_arg if key == "feature_layer" else key)
+    return list(value) if isinstance(value, tuple) else value
 
 
 @pytest.mark.parametrize("name", RUNNABLE)
@@ -167,7 +185,9 @@ def test_pinned_hyperparameters_reach_the_implementation(name, tiny_model):
     """Every pinned hyperparameter, and every override of one, is what the attack object runs with:
     a factory that dropped one would silently run the library's default instead."""
     pinned = build_attack(name, tiny_model, eps="4/255", steps=5)
-    assert (pinned.impl.eps, pinned.impl.steps) == (pytest.approx(4 / 255), 5)
+    steps = attack_info(name).steps or 5  # a one-step method (FGSM) keeps its own
+    assert pinned.impl.eps == pytest.approx(4 / 255) and pinned.steps == steps
+    assert getattr(pinned.impl, "steps", steps) == steps
     for key, value in pinned.params.items():
         assert _impl_setting(pinned, key) == value, key
     for key in attack_info(name).params:
@@ -248,7 +268,8 @@ def test_white_box_pgd_breaks_a_trained_model(digits_batch, trained_cnn):
 # random noise of the same budget. 32/255 and a few steps keep it to about a second per attack on
 # 2 cores (digits are smooth, upsampled 8x8 images: at 8/255 even PGD moves them little).
 STRENGTH_EPS = 32 / 255
-STRENGTH_STEPS = {"l2t": 3, "bsr": 20}  # L2T's ops stack up to 100 copies per sample; BSR is the weakest
+# L2T's ops stack up to 100 copies per sample; BSR is the weakest
+STRENGTH_STEPS = {"l2t": 3, "bsr": 20, **_STEPS_COMMON, **_STEPS_FEATURE}
 STRENGTH_IMAGES = 64
 # Measured on these 64 images (1 and 2 threads): clean 1.0, sign noise 0.93; BSR 0.48-0.59 over six
 # seeds (the weakest), GRA 0.14-0.17, every other attack <= 0.06. With every step flipped, every
@@ -440,23 +461,42 @@ def test_diff_pgd_says_it_needs_a_diffusion_model(tiny_model):
     assert "diffusion model" in str(err.value) and "\n" not in str(err.value)
 
 
-def test_configs_name_registered_attacks_with_pinned_values(tiny_model):
+def test_every_config_pins_every_setting_of_its_class_once(tiny_model):
+    """One source of truth: each conf/attack file names a torchattack class and pins every tunable
+    argument it has (so a changed library default cannot change our attacks), and nothing else; the
+    budget is the protocol's, not the attack's."""
+    from trigact.attacks.registry import MANAGED
+
     files = sorted(CONF_DIR.glob("*.yaml"))
-    assert {f.stem for f in files} == set(list_attacks())
+    assert {f.stem for f in files} == set(list_attacks()) and len(files) >= 10
     for path in files:
         cfg = yaml.safe_load(path.read_text())
-        assert cfg["name"] == path.stem and cfg["name"] in list_attacks()
-        assert (parse_eps(cfg["eps"]), cfg["steps"]) == (DEFAULT_EPS, DEFAULT_STEPS)
-        pinned = attack_info(cfg["name"]).params
-        assert {
-            k: list(v) if isinstance(v, tuple) else v for k, v in pinned.items()
-        } == cfg["params"], path.name
+        spec = attack_info(path.stem)
+        assert cfg["name"] == path.stem and spec.family in FAMILIES and spec.paper, path.name
+        assert "eps" not in cfg and ("steps" not in cfg or cfg["steps"] == 1), path.name
+        assert path.read_text().startswith("# "), f"{path.name}: a one-line citation comes first"
+        tunable = spec.arguments - set(MANAGED) - ({spec.layer_arg} if spec.feature_level else set())
+        pinned = set(spec.params) - ({"feature_layer"} if spec.feature_level else set())
+        assert pinned == tunable, (path.name, "unpinned:", tunable - pinned, "unknown:", pinned - tunable)
         if cfg["name"] in UNAVAILABLE:
-            with pytest.raises(TrigactError):
-                attack_from_config(cfg, tiny_model)
-        else:
-            attack = attack_from_config(cfg, tiny_model)
-            assert attack.name == cfg["name"] and attack.eps == EPS
+            continue
+        attack = build_attack(cfg["name"], tiny_model)
+        assert attack.name == cfg["name"] and (attack.eps, attack.steps) == (DEFAULT_EPS, spec.steps or DEFAULT_STEPS)
+
+
+def test_protocols_and_overrides_set_the_budget():
+    from trigact.attacks.config import attack_config, budget_overrides
+    from trigact.common.config import CONF_DIR as ROOT
+
+    paper = attack_config(ROOT, "mifgsm")
+    assert (parse_eps(paper["eps"]), paper["steps"], paper["params"]["alpha"]) == (8 / 255, 20, None)
+    protocol = yaml.safe_load((Path(ROOT) / "attack_protocol" / "transferattack.yaml").read_text())
+    ta = attack_config(ROOT, "mifgsm", budget_overrides(protocol, {"eps": None}))
+    assert (parse_eps(ta["eps"]), ta["steps"], ta["params"]["alpha"]) == (16 / 255, 10, pytest.approx(1.6 / 255))
+    mine = attack_config(ROOT, "mifgsm", budget_overrides(protocol, {"eps": "4/255", "steps": 5}))
+    assert (parse_eps(mine["eps"]), mine["steps"]) == (4 / 255, 5)
+    with pytest.raises(TrigactError, match="attack_overrides: unknown key.*decay"):
+        attack_config(ROOT, "mifgsm", {"decay": 0.5})
 
 
 @pytest.mark.parametrize("params", [{"p_modify": 2.0}, {"fill": "noise"}, {"patch_sizes": (0, 3)}])

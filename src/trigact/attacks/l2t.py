@@ -29,6 +29,7 @@ import math
 import numpy as np
 import torch
 import torchvision.transforms.functional as tvf
+from torchattack.attack import register_attack
 from torchattack.l2t import AUG_OPS, L2T, SSM, BlockShuffle, Crop, select_op, trace_prob
 
 
@@ -83,6 +84,7 @@ def _portable(op):
 PORTABLE_AUG_OPS = [_portable(op) for op in AUG_OPS]
 
 
+@register_attack("TrigactL2T")
 class PortableL2T(L2T):
     """torchattack's L2T with CPU- and shape-safe augmentations (see the module docstring)."""
 

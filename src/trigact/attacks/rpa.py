@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchattack.attack import Attack
+from torchattack.attack import Attack, register_attack
 
 from trigact.common.errors import TrigactError
 
@@ -130,6 +130,7 @@ def aggregate_gradient(
     return total
 
 
+@register_attack("TrigactRPA")
 class RPA(Attack):
     """The RPA (Random Patch) attack: FIA with random patch-wise masks (see the module docstring).
 

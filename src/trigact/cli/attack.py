@@ -9,17 +9,19 @@ again. Ends with a table of each bank's white-box success rate on its own surrog
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from trigact.attacks.config import attack_config
+from trigact.attacks.config import budget_overrides
 from trigact.cli import quiet_libraries, user_errors
 from trigact.common.config import CONF_DIR
 from trigact.common.tracking import job_run, log_tables
 from trigact.common.validate import check_n_eval, check_seed, check_split, check_steps
-from trigact.evaluation.crafting import craft_banks, data_config_of, evaluation_images
+from trigact.evaluation.budgets import check_attacks, craft_at_budgets
+from trigact.evaluation.crafting import data_config_of, evaluation_images
 from trigact.evaluation.tables import bank_rows
 from trigact.runs import register_resolvers
 from trigact.runs.selection import as_dict, select
@@ -31,15 +33,16 @@ def run_attack(cfg: DictConfig) -> list[dict]:
     # Every setting is checked before the surrogates and the data load, and before the first bank.
     batch_size, seed = check_steps(cfg.batch_size, "batch_size"), check_seed(cfg.seed, "seed")
     n_eval, split = check_n_eval(cfg.get("n_eval")), check_split(cfg.get("split", "test"))
-    overrides, data_overrides = as_dict(cfg.get("attack_overrides")), as_dict(cfg.get("data_overrides"))
-    for attack in cfg.attacks:
-        attack_config(CONF_DIR, attack, overrides)
+    overrides = budget_overrides(as_dict(cfg.get("attack_protocol")), as_dict(cfg.get("attack_overrides")),
+                                 as_dict(cfg.get("attack_params")))
+    data_overrides = as_dict(cfg.get("data_overrides"))
+    check_attacks(CONF_DIR, cfg.attacks, overrides)
     surrogates = select(cfg, "surrogates")
     data_cfg = data_config_of(surrogates)
     images = evaluation_images(data_cfg, n_eval, data_overrides, split=split)
-    banks = craft_banks(
+    banks = craft_at_budgets(
         cfg.paths.output_dir, data_cfg["name"], images, surrogates, list(cfg.attacks), CONF_DIR,
-        overrides=overrides, batch_size=batch_size, seed=seed, progress=bool(cfg.get("progress", True)),
+        overrides, batch_size=batch_size, seed=seed, progress=bool(cfg.get("progress", True)),
         n_eval=n_eval, split=split, data_overrides=data_overrides,
     )
     rows = bank_rows(banks)
@@ -63,13 +66,37 @@ def print_banks(rows: list[dict]) -> None:
     Console().print(table)
 
 
+def print_attack_list() -> None:
+    """``python -m trigact.attack --list``: every attack with its family, class, pinned settings and paper."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from trigact.attacks import FAMILIES, describe_attacks
+
+    table = Table(title="trigact.attack --list: attacks (conf/attack/<name>.yaml); budget: attack_protocol")
+    for column in ("attack", "family", "class", "settings", "paper"):
+        table.add_column(column, overflow="fold")
+    for row in describe_attacks():
+        table.add_row(*(str(row[c]) for c in ("attack", "family", "class", "settings", "paper")))
+    Console(width=max(160, Console().width)).print(table)
+    print("families: " + "; ".join(f"{k}: {v}" for k, v in FAMILIES.items()))
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="attack")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     quiet_libraries()
     with user_errors():
         rows = run_attack(cfg)
         print_banks(rows)
         print(f"banks: {Path(cfg.paths.output_dir, 'advbank').resolve()}")
+
+
+def main() -> None:
+    if "--list" in sys.argv[1:]:
+        with user_errors():
+            print_attack_list()
+        return
+    hydra_main()
 
 
 if __name__ == "__main__":

@@ -20,12 +20,14 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from trigact.attacks.config import budget_overrides
 from trigact.cli import quiet_libraries, user_errors
 from trigact.common.config import CONF_DIR
 from trigact.common.errors import TrigactError
 from trigact.common.tracking import job_run, log_tables
 from trigact.common.validate import check_n_eval, check_name, check_seed, check_split, check_steps
-from trigact.evaluation.crafting import data_config_of, load_banks
+from trigact.evaluation.budgets import load_at_budgets
+from trigact.evaluation.crafting import data_config_of
 from trigact.evaluation.tables import robustness_tables, write_results
 from trigact.evaluation.victims import defend, evaluate_victims, victim_record
 from trigact.runs import register_resolvers
@@ -54,9 +56,10 @@ def run_evaluate(cfg: DictConfig):
     columns = victim_columns(cfg)
     everyone = {**surrogates, **{n: m for group in columns.values() for n, m in group.items()}}
     data_name = data_config_of(everyone)["name"]
-    banks = load_banks(cfg.paths.output_dir, data_name, surrogates, list(cfg.attacks), CONF_DIR,
-                       as_dict(cfg.get("attack_overrides")), seed=seed, n_eval=n_eval, split=split,
-                       data_overrides=as_dict(cfg.get("data_overrides")))
+    budget = budget_overrides(as_dict(cfg.get("attack_protocol")), as_dict(cfg.get("attack_overrides")),
+                              as_dict(cfg.get("attack_params")))
+    banks = load_at_budgets(cfg.paths.output_dir, data_name, surrogates, list(cfg.attacks), CONF_DIR, budget,
+                            seed=seed, n_eval=n_eval, split=split, data_overrides=as_dict(cfg.get("data_overrides")))
     defense = as_dict(cfg.get("defense")) or None
     if defense and defense.get("name") in (None, "none"):
         defense = None

@@ -20,7 +20,7 @@ import torch
 from hydra import compose
 from omegaconf import DictConfig, OmegaConf
 
-from trigact.attacks.config import attack_config
+from trigact.attacks.config import budget_overrides
 from trigact.cli import quiet_libraries, user_errors
 from trigact.common.config import CONF_DIR
 from trigact.common.errors import TrigactError, unknown_name
@@ -28,7 +28,8 @@ from trigact.common.io import atomic_write_json, atomic_write_text
 from trigact.common.report import markdown_table, print_table
 from trigact.common.tracking import job_run, log_tables
 from trigact.common.validate import check_n_eval, check_seed, check_split
-from trigact.evaluation.crafting import craft_banks, evaluation_images
+from trigact.evaluation.budgets import check_attacks, craft_at_budgets
+from trigact.evaluation.crafting import evaluation_images
 from trigact.evaluation.tables import bank_rows, robustness_tables, write_results
 from trigact.evaluation.victims import defend, defense_config, evaluate_victims, victim_record
 from trigact.runs import register_resolvers
@@ -147,12 +148,19 @@ def check_evaluation_plan(cfg: DictConfig, run_dirs: dict[str, str] | None = Non
                         f"pipeline.victims.{group}: run {victim} is surrogate {surrogate_of[run_of(victim)]}: that "
                         "is a white-box attack, not a transfer; set pipeline.allow_whitebox=true to evaluate it anyway"
                     )
-    overrides = OmegaConf.to_container(cfg.pipeline.attack_overrides, resolve=True) if cfg.pipeline.get("attack_overrides") else {}
-    for attack in cfg.pipeline.attacks:
-        attack_config(CONF_DIR, attack, overrides)
+    check_attacks(CONF_DIR, cfg.pipeline.attacks, pipeline_budget(cfg))
     for spec in groups.values():
         defense = spec["defense"] if isinstance(spec["defense"], dict) else defense_config(CONF_DIR, spec["defense"])
         defend(torch.nn.Identity(), defense)  # builds it: bad parameters and missing weights fail here
+
+
+def pipeline_budget(cfg: DictConfig) -> dict:
+    """The attacks' budget: ``attack_protocol`` with ``pipeline.attack_overrides`` on top."""
+    def plain(node):
+        return OmegaConf.to_container(node, resolve=True) if node else {}
+
+    return budget_overrides(plain(cfg.get("attack_protocol")), plain(cfg.pipeline.get("attack_overrides")),
+                            plain(cfg.pipeline.get("attack_params")))
 
 
 def attack_and_evaluate(cfg: DictConfig, train_cfgs: dict, out: Path):
@@ -168,9 +176,9 @@ def attack_and_evaluate(cfg: DictConfig, train_cfgs: dict, out: Path):
     n_eval, split = cfg.pipeline.get("n_eval"), cfg.pipeline.get("split", "test")
     images = evaluation_images(OmegaConf.to_container(first.data, resolve=True), n_eval, split=split)
     surrogates = {n: deployed(n) for n in surrogate_names}
-    banks = craft_banks(
+    banks = craft_at_budgets(
         cfg.paths.output_dir, first.data.name, images, surrogates, list(cfg.pipeline.attacks), CONF_DIR,
-        overrides=OmegaConf.to_container(cfg.pipeline.attack_overrides, resolve=True) if cfg.pipeline.get("attack_overrides") else {},
+        pipeline_budget(cfg),
         seed=cfg.seed, n_eval=n_eval, split=split,
     )
     if cfg.get("wandb") and cfg.wandb.enabled:
