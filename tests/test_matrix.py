@@ -26,9 +26,11 @@ class LookupVictim(nn.Module):
 
 
 def images(first_id: int, n: int = PER_BANK):
+    """``n`` images with IDs from ``first_id``; the labels depend only on the position (0, 1, 2, 0, ...), so
+    every bank built from it holds the same labels in the same order, as real banks do."""
     x = torch.rand(n, 1, 2, 2)
     x[:, 0, 0, 0] = torch.arange(first_id, first_id + n) / 255
-    y = torch.arange(first_id, first_id + n) % NUM_CLASSES
+    y = torch.arange(n) % NUM_CLASSES
     return x, y
 
 
@@ -86,27 +88,42 @@ def test_matrix_means_match_hand_computation(toy):
     }  # fmt: skip
     assert m.clean_by_group(groups) == {"both": 0.875, "only B": 0.75}
     assert m.mean_over_attacks(groups) == {"both": 0.46875, "only B": 0.3125}
+    assert m.clean_n == {"vA": 4, "vB": 4}
+    # Worst case: each cell's right images are its first R of the 4, so the AND over (surrogate, attack)
+    # is the first min-R images (vA: 1 of 4; vB: 0, its (s1, a2) cell gets none right).
+    assert m.worst_case() == {"vA": 0.25, "vB": 0.0}
+    assert m.worst_case_by_group(groups) == {"both": 0.125, "only B": 0.0}
+    assert m.per_image[("vA", "s2", "a1")].tolist() == [True, False, False, False]
 
 
-def test_markdown_layout_and_bold(toy):
+FOOTNOTE = (
+    "\nBold: the best of its row, its 95% interval clear of every other column's; *: the best, its 95% interval "
+    "overlapping another column's. Worst case: the images the victim gets right under every attack and surrogate.\n"
+)
+
+
+def test_markdown_layout_and_marks(toy):
     m = evaluate_matrix(*toy, batch_size=3)
-    # a1 is a tie (50.00 both): both bold. Clean row never bold.
+    # On 4 images every interval overlaps: each row's best gets "*", never bold (a1's tie marks both).
+    # The Clean row is never marked. (Bold on clear intervals: test_intervals.py.)
     assert m.to_markdown() == (
         "| | vA | vB |\n"
         "|---|---:|---:|\n"
         "| Clean | 100.00 | 75.00 |\n"
-        "| a1 | **50.00** | **50.00** |\n"
-        "| a2 | **75.00** | 12.50 |\n"
-        "| Mean | **62.50** | 31.25 |\n"
-    )
+        "| a1 | 50.00* | 50.00* |\n"
+        "| a2 | 75.00* | 12.50 |\n"
+        "| Mean | 62.50* | 31.25 |\n"
+        "| Worst case | 25.00* | 0.00 |\n"
+    ) + FOOTNOTE
     assert m.to_markdown({"both": ["vA", "vB"], "only B": ["vB"]}) == (
         "| | both | only B |\n"
         "|---|---:|---:|\n"
         "| Clean | 87.50 | 75.00 |\n"
-        "| a1 | **50.00** | **50.00** |\n"
-        "| a2 | **43.75** | 12.50 |\n"
-        "| Mean | **46.88** | 31.25 |\n"
-    )
+        "| a1 | 50.00* | 50.00* |\n"
+        "| a2 | 43.75* | 12.50 |\n"
+        "| Mean | 46.88* | 31.25 |\n"
+        "| Worst case | 12.50* | 0.00 |\n"
+    ) + FOOTNOTE
 
 
 def test_unknown_victim_in_group_is_refused(toy):
@@ -143,11 +160,17 @@ def test_csv_and_png(toy, tmp_path):
     path = m.to_csv(tmp_path / "out" / "cells.csv")
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["victim", "surrogate", "attack", "accuracy", "n"]
+    assert list(rows[0]) == ["victim", "surrogate", "attack", "accuracy", "n", "ci_low", "ci_high"]
     assert len(rows) == len(m.cells) == 8
     assert {(r["victim"], r["surrogate"], r["attack"]): float(r["accuracy"]) for r in rows} == {
         k: v / 4 for k, v in R.items()
     }
+    # Wilson on 4 images: 3 right -> [30.06, 95.44]%, none right -> [0, 48.99]%
+    by_key = {(r["victim"], r["surrogate"], r["attack"]): r for r in rows}
+    assert float(by_key[("vA", "s1", "a1")]["ci_low"]) == pytest.approx(0.300642, abs=1e-6)
+    assert float(by_key[("vA", "s1", "a1")]["ci_high"]) == pytest.approx(0.954413, abs=1e-6)
+    assert (float(by_key[("vB", "s1", "a2")]["ci_low"]), float(by_key[("vB", "s1", "a2")]["ci_high"])) == (
+        0.0, pytest.approx(0.489891, abs=1e-6))
 
     png = m.plot_mean_robustness({"both": ["vA", "vB"], "only B": ["vB"]}, tmp_path / "plots" / "mean.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -184,15 +207,31 @@ def test_accuracy_restores_mode(mode):
 
 
 def test_eq6_weighs_surrogates_equally_whatever_their_bank_sizes():
-    # s1's bank has 4 images (3 right), s2's has 2 (0 right): Eq. 6 is (3/4 + 0/2) / 2, not 3/6.
-    x1, y1 = images(0, n=4)
-    x2, y2 = images(4, n=2)
-    table = torch.cat([y1[:3], (y1[3:] + 1) % NUM_CLASSES, (y2 + 1) % NUM_CLASSES])
-    banks = {("s1", "a"): SimpleNamespace(x_adv=x1, y=y1), ("s2", "a"): SimpleNamespace(x_adv=x2, y=y2)}
-    m = evaluate_matrix({"v": LookupVictim(table)}, banks, batch_size=3)
-    assert [(c["surrogate"], c["accuracy"], c["n"]) for c in m.cells] == [("s1", 0.75, 4), ("s2", 0.0, 2)]
+    # s1's cell has 4 images (3 right), s2's has 2 (0 right): Eq. 6 is (3/4 + 0/2) / 2, not 3/6.
+    # (evaluate_matrix refuses banks of different images; a matrix built by hand may still hold them.)
+    m = RobustnessMatrix(cells=[{"victim": "v", "surrogate": "s1", "attack": "a", "accuracy": 0.75, "n": 4},
+                                {"victim": "v", "surrogate": "s2", "attack": "a", "accuracy": 0.0, "n": 2}])
     assert m.mean_over_surrogates() == {("v", "a"): 0.375}
     assert m.mean_over_attacks() == {"v": 0.375}
+    assert m.worst_case() == {}  # no per-image results: no worst case
+    # Wilson over the distinct images (the largest bank), not the 6 cells pooled: the surrogates'
+    # banks hold the same images, so pooling would count each image twice and narrow the interval.
+    assert m.victim_estimates()[("v", "a")].n == 4
+
+
+def test_banks_of_different_images_are_refused_in_one_line():
+    x1, y1 = images(0, n=4)
+    x2, y2 = images(4, n=2)
+    table = torch.zeros(6, dtype=torch.long)
+    banks = {("s1", "a"): SimpleNamespace(x_adv=x1, y=y1), ("s2", "a"): SimpleNamespace(x_adv=x2, y=y2)}
+    with pytest.raises(TrigactError) as err:
+        evaluate_matrix({"v": LookupVictim(table)}, banks)
+    assert "\n" not in str(err.value)
+    assert str(err.value).startswith("TAE banks ('s1', 'a') and ('s2', 'a') hold different clean images (4 vs 2)")
+    # the same count but other clean pixels (x_clean, where a bank has it) is refused too
+    same_y = {k: SimpleNamespace(x_adv=x1, y=y1, x_clean=x1 + i) for i, k in enumerate([("s1", "a"), ("s2", "a")])}
+    with pytest.raises(TrigactError, match=r"hold different clean images \(4 vs 4\)"):
+        evaluate_matrix({"v": LookupVictim(table)}, same_y)
 
 
 def test_uint8_bank_and_generator_clean(toy):
@@ -205,5 +244,5 @@ def test_uint8_bank_and_generator_clean(toy):
 
 def test_empty_matrix_markdown():
     assert RobustnessMatrix(clean={"v": 0.5}).to_markdown() == (
-        "| | v |\n|---|---:|\n| Clean | 50.00 |\n| Mean | - |\n"
-    )
+        "| | v |\n|---|---:|\n| Clean | 50.00 |\n| Mean | - |\n| Worst case | - |\n"
+    ) + FOOTNOTE

@@ -310,6 +310,6 @@ def test_evaluate_logs_its_robustness_tables_as_an_eval_job(offline_wandb, shrun
     tables = {p.name.split("_")[0]: json.loads(p.read_text()) for p in (wb["dir"] / "files" / "media" / "table" / "robustness").glob("*.table.json")}
     assert set(tables) == {"cells", "table", "victims"}
     assert tables["table"]["columns"] == ["row", "small_cnn standard s0"]
-    assert [r[0] for r in tables["table"]["data"]] == ["Clean", "pgd", "Mean"]
+    assert [r[0] for r in tables["table"]["data"]] == ["Clean", "pgd", "Mean", "Worst case"]
     cell = tables["cells"]["data"][0]
     assert dict(zip(tables["cells"]["columns"], cell))["accuracy"] == matrix.cells[0]["accuracy"]

@@ -76,7 +76,7 @@ def run_evaluate(cfg: DictConfig):
             groups[column].append(name)
     matrix = evaluate_victims(victims, surrogates, banks, allow_whitebox=bool(cfg.allow_whitebox),
                            batch_size=batch_size, victim_runs=runs)
-    out = write_results(matrix, groups, records, cfg.results_dir)
+    out = write_results(matrix, groups, records, cfg.results_dir, intervals=bool(cfg.get("intervals", False)))
     run = job_run(cfg, "eval", f"eval-{Path(out).name}", out)
     if run is not None:
         log_tables(run, robustness_tables(matrix, groups, records))
@@ -89,7 +89,7 @@ def main(cfg: DictConfig) -> None:
     quiet_libraries()
     with user_errors():
         matrix, groups, out = run_evaluate(cfg)
-        print(matrix.to_markdown(groups))
+        print(matrix.to_markdown(groups, intervals=bool(cfg.get("intervals", False))))
         print(f"results: {Path(out).resolve()}")
 
 

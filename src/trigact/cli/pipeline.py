@@ -81,7 +81,7 @@ def run_pipeline(cfg: DictConfig) -> list[dict]:
     atomic_write_json(rows, out / "runs.json")
     if cfg.pipeline.get("attacks"):
         matrix, columns = attack_and_evaluate(cfg, train_cfgs, out)
-        print(matrix.to_markdown(columns))
+        print(matrix.to_markdown(columns, intervals=bool(cfg.get("intervals", False))))
     else:
         atomic_write_text(markdown_table(rows), out / "table.md")
     return rows
@@ -202,7 +202,7 @@ def attack_and_evaluate(cfg: DictConfig, train_cfgs: dict, out: Path):
             columns[group].append(name)
     matrix = evaluate_victims(victims, surrogates, banks, allow_whitebox=cfg.pipeline.get("allow_whitebox", False),
                            victim_runs=runs)
-    write_results(matrix, columns, records, out)
+    write_results(matrix, columns, records, out, intervals=bool(cfg.get("intervals", False)))
     if cfg.get("wandb") and cfg.wandb.enabled:
         wandb_cfg = OmegaConf.merge(cfg, {"wandb": {"group": wandb_group(cfg)}})
         run = job_run(wandb_cfg, "eval", f"eval-{cfg.pipeline.name}", out)

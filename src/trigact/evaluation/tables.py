@@ -1,5 +1,5 @@
-"""Results as files and tables: ``matrix.csv``, ``table.md``, ``robustness.png``, ``victims.json``, and the
-same tables for W&B."""
+"""Results as files and tables: ``matrix.csv``, ``table.csv``, ``table.md``, ``robustness.png``,
+``victims.json``, and the same tables for W&B. (The CSV formats: :mod:`trigact.evaluation.matrix`.)"""
 
 from __future__ import annotations
 
@@ -11,10 +11,14 @@ from trigact.evaluation.matrix import RobustnessMatrix
 from trigact.common.io import atomic_write_json, atomic_write_text
 
 
-def write_results(matrix: RobustnessMatrix, groups: Mapping[str, list[str]], records: list[dict], out) -> Path:
-    """``matrix.csv`` (every cell), ``table.md`` (paper layout), ``robustness.png`` and ``victims.json``."""
+def write_results(matrix: RobustnessMatrix, groups: Mapping[str, list[str]], records: list[dict], out,
+                  intervals: bool = False) -> Path:
+    """``matrix.csv`` (every cell, with its 95% interval), ``table.csv`` (every victim's and every group's
+    row of the table, with intervals), ``table.md`` (paper layout, Worst case row included; each cell's
+    interval shown when ``intervals``), ``robustness.png`` and ``victims.json``."""
     out = Path(out)
     eq6 = matrix.mean_over_surrogates()
+    worst = matrix.worst_case()
     for record in records:  # what analysis plots need, beside the cells in matrix.csv (in place)
         name = record["name"]
         record["clean_acc"] = matrix.clean.get(name)
@@ -22,22 +26,24 @@ def write_results(matrix: RobustnessMatrix, groups: Mapping[str, list[str]], rec
         record["robust_acc"] = per_attack
         record["attacks"] = list(per_attack)  # the table's row order (JSON keys get sorted)
         record["mean_robust_acc"] = sum(per_attack.values()) / len(per_attack) if per_attack else None
+        record["worst_case_acc"] = worst.get(name)
     matrix.to_csv(out / "matrix.csv")
-    atomic_write_text(matrix.to_markdown(groups), out / "table.md")
+    matrix.to_table_csv(out / "table.csv", groups)
+    atomic_write_text(matrix.to_markdown(groups, intervals=intervals), out / "table.md")
     matrix.plot_mean_robustness(groups, out / "robustness.png")
     atomic_write_json(records, out / "victims.json")
     return out
 
 
 def robustness_tables(matrix: RobustnessMatrix, groups: Mapping[str, list[str]], records: list[dict]) -> dict:
-    """The results as tables for W&B: every cell, the paper-layout table and one row per victim."""
-    eq7, clean, mean = matrix.mean_over_victims(groups), matrix.clean_by_group(groups), matrix.mean_over_attacks(groups)
-    paper = [{"row": "Clean", **{g: clean.get(g) for g in groups}}]
-    paper += [{"row": a, **{g: eq7.get((g, a)) for g in groups}} for a in matrix.attacks]
-    paper.append({"row": "Mean", **{g: mean.get(g) for g in groups}})
+    """The results as tables for W&B: every cell (with its interval), the paper-layout table (Clean, one
+    row per attack, Mean, Worst case) and one row per victim."""
+    estimates = matrix.group_estimates(groups)
+    paper = [{"row": row, **{g: getattr(estimates.get((g, row)), "value", None) for g in groups}}
+             for row in matrix.rows]
     victims = [{k: r.get(k) for k in ("name", "group", "method", "model", "seed", "trigger_kind", "eps", "alpha",
-                                      "defense", "clean_acc", "mean_robust_acc")} for r in records]
-    return {"robustness/cells": list(matrix.cells), "robustness/table": paper, "robustness/victims": victims}
+                                      "defense", "clean_acc", "mean_robust_acc", "worst_case_acc")} for r in records]
+    return {"robustness/cells": matrix.cell_rows(), "robustness/table": paper, "robustness/victims": victims}
 
 
 def bank_rows(banks: Mapping[tuple[str, str], Bank]) -> list[dict]:

@@ -30,6 +30,10 @@ def evaluate_victims(
     the same pixels. ``evaluate`` and ``pipeline`` both score here, so they write identical tables for
     the same runs and banks.
 
+    Every bank must hold the same clean images in the same order (``load_banks`` checks it when it
+    reads them, :func:`~trigact.evaluation.matrix.evaluate_matrix` for every caller): the worst case
+    ANDs each image across banks, and the clean row is scored on the first bank's images.
+
     ``victim_runs``: victim -> bundle path, for victims that are not bare deployed models (e.g. behind
     a defense); by default each victim's own ``meta["path"]``.
     """
@@ -37,7 +41,7 @@ def evaluate_victims(
         victim_runs = {k: getattr(v, "meta", {}).get("path") for k, v in victims.items()}
     if not victims or not banks:
         raise TrigactError("nothing to evaluate: the experiment needs victims, surrogates and attacks")
-    first = next(iter(banks.values()))  # every bank holds the same clean images (check_same_images)
+    first = next(iter(banks.values()))  # the same clean images in every bank (evaluate_matrix checks)
     clean = DataLoader(TensorDataset(first.x_clean, first.y), batch_size=batch_size, shuffle=False)
     with torch.no_grad():
         return evaluate_matrix(
