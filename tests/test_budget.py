@@ -74,3 +74,35 @@ def test_attack_params_reach_one_attack_only():
     assert "random_start" not in attack_config(CONF_DIR, "mifgsm", budget)["params"]
     with pytest.raises(TrigactError, match="attack_params.pgd: attack 'pgd' has no parameter.*decay; allowed: alpha, random_start"):
         attack_config(CONF_DIR, "pgd", budget_overrides(protocol("paper"), {}, {"pgd": {"decay": 1.0}}))
+
+
+def test_a_budget_sweep_crafts_one_bank_per_eps_and_evaluate_finds_them(shrunk_demo, tmp_path, capsys):
+    """attack -> evaluate -> analysis with attack_protocol=budget_sweep (two of its epsilons, to stay cheap)."""
+    import shutil
+
+    from hydra import compose, initialize_config_dir
+
+    from trigact.cli.analysis import run_analysis
+    from trigact.cli.attack import run_attack
+    from trigact.cli.evaluate import run_evaluate
+
+    root, _ = shrunk_demo
+    shutil.copytree(root / "outputs", tmp_path / "outputs")
+    common = [f"paths.root_dir={tmp_path}", "surrogates=[digits/standard/lenet/*/s0]", "attacks=[ifgsm]",
+              "attack_protocol=budget_sweep", "attack_protocol.eps=[8/255,32/255]", "attack_protocol.steps=2",
+              "n_eval=40"]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        rows = run_attack(compose("attack", [*common, "progress=false"]))
+        assert [r["attack"] for r in rows] == ["ifgsm@8/255", "ifgsm@32/255"]
+        assert capsys.readouterr().out.count("TAE bank written") == 2
+        victims = "victims={A:[digits/standard/small_cnn],B:[digits/trigger_activation/small_cnn/fixed-*/s0]}"
+        matrix, groups, out = run_evaluate(compose("evaluate", [*common, victims, "name=sweep"]))
+        assert matrix.attacks == ["ifgsm@8/255", "ifgsm@32/255"]
+        eq7 = matrix.mean_over_victims(groups)
+        # the larger budget hurts the undefended model at least as much (same images, same surrogate)
+        assert eq7[("A", "ifgsm@32/255")] <= eq7[("A", "ifgsm@8/255")]
+        table, figure = run_analysis(compose("analysis", [f"paths.root_dir={tmp_path}", f"results={out}",
+                                                          "x=attack_eps"]))
+    text = table.read_text()
+    assert figure.is_file() and "| 8 |" in text and "| 32 |" in text
+    assert f"| 32 | {100 * eq7[('A', 'ifgsm@32/255')]:.2f} |" in text
