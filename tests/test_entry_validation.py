@@ -96,6 +96,12 @@ PIPELINE = ["experiment=demo", "pipeline.train_overrides=[" + ",".join(f"'{o}'" 
     # Another name for the same run (same overrides, so the same run folder) is still the surrogate.
     (["+pipeline.runs.lenet_again=['method=standard','model=lenet','optimizer.lr=0.05']", "+pipeline.victims.W=[lenet_again]"],
      "run lenet_again is surrogate surrogate_lenet: that is a white-box attack"),
+    # An ensemble surrogate: its members are surrogates too; it names runs of the experiment.
+    (["pipeline.surrogates=[{ensemble:[surrogate_lenet,standard]}]"],
+     "run standard is a member of surrogate ensemble(surrogate_lenet + standard): that is a white-box attack"),
+    (["pipeline.surrogates=[{ensemble:[surrogate_lenet,nope]}]"], "unknown pipeline run 'nope'"),
+    (["pipeline.surrogates=[{ensemble:[surrogate_lenet]}]"], "with at least 2 distinct runs"),
+    (["pipeline.surrogates=[{ensemble:[surrogate_lenet,surrogate_tiny_resnet],fusion:max}]"], "fusion"),
 ])
 def test_the_pipeline_refuses_a_bad_plan_before_training(overrides, expected, tmp_path):
     from trigact.cli.pipeline import run_pipeline

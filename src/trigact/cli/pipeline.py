@@ -33,6 +33,7 @@ from trigact.evaluation.crafting import evaluation_images
 from trigact.evaluation.tables import bank_rows, robustness_tables, write_results
 from trigact.evaluation.victims import defend, defense_config, evaluate_victims, victim_record
 from trigact.runs import register_resolvers
+from trigact.models.ensemble import EnsembleModel
 from trigact.runs.bundle import BUNDLE_NAME, load_bundle
 from trigact.training.run import train
 
@@ -117,6 +118,31 @@ def victim_groups(cfg: DictConfig) -> dict[str, dict]:
     return parsed
 
 
+def surrogate_entries(cfg: DictConfig) -> list[tuple[str, list[str], str | None]]:
+    """``pipeline.surrogates`` as ``(table name, member runs, fusion)``: a run name is itself (fusion
+    None); ``{ensemble: [runA, runB], fusion: logits|probs}`` is the fused model of those runs, named
+    ``ensemble(runA + runB)`` (``probs`` appended for that fusion)."""
+    from trigact.models.ensemble import FUSIONS
+
+    out = []
+    for entry in OmegaConf.to_container(cfg.pipeline.get("surrogates") or [], resolve=True):
+        if not isinstance(entry, dict):
+            out.append((str(entry), [str(entry)], None))
+            continue
+        unknown = sorted(set(entry) - {"ensemble", "fusion"})
+        members = entry.get("ensemble")
+        if unknown or not isinstance(members, list) or len(set(members)) < 2:
+            raise TrigactError(f"pipeline.surrogates entry {entry}: an ensemble is {{ensemble: [run, run, ...], "
+                               f"fusion: {'|'.join(FUSIONS)}}} with at least 2 distinct runs of pipeline.runs")
+        fusion = entry.get("fusion") or "logits"
+        if fusion not in FUSIONS:
+            raise unknown_name("ensemble fusion", fusion, FUSIONS)
+        members = list(dict.fromkeys(map(str, members)))
+        name = f"ensemble({' + '.join(members)})" + (" probs" if fusion != "logits" else "")
+        out.append((name, members, fusion))
+    return out
+
+
 def check_evaluation_plan(cfg: DictConfig, run_dirs: dict[str, str] | None = None) -> None:
     """Fail in seconds, not after the training stage, on a mistake in the attack/evaluate plan: no
     surrogates, a surrogate or victim that is not one of ``pipeline.runs``, a victim that is a
@@ -126,11 +152,12 @@ def check_evaluation_plan(cfg: DictConfig, run_dirs: dict[str, str] | None = Non
 
     ``run_dirs``: run name -> run folder; two names with one folder are one run (by default each
     name is its own run)."""
-    surrogate_names = list(cfg.pipeline.get("surrogates") or [])
-    if not surrogate_names:
+    entries = surrogate_entries(cfg)
+    if not entries:
         raise TrigactError("pipeline.attacks is set but pipeline.surrogates is empty: name the runs to craft TAEs on")
     groups = victim_groups(cfg)
-    for name in surrogate_names + [v for spec in groups.values() for v in spec["runs"]]:
+    members = [m for _, runs, _ in entries for m in runs]
+    for name in members + [v for spec in groups.values() for v in spec["runs"]]:
         if name not in cfg.pipeline.runs:
             raise unknown_name("pipeline run", name, list(cfg.pipeline.runs))
     try:
@@ -140,12 +167,13 @@ def check_evaluation_plan(cfg: DictConfig, run_dirs: dict[str, str] | None = Non
         raise TrigactError(f"pipeline.{err}") from None
     if not cfg.pipeline.get("allow_whitebox", False):
         run_of = (lambda name: str(run_dirs[name])) if run_dirs else (lambda name: name)
-        surrogate_of = {run_of(s): s for s in surrogate_names}
+        surrogate_of = {run_of(m): name for name, runs, _ in entries for m in runs}
         for group, spec in groups.items():
             for victim in spec["runs"]:
                 if run_of(victim) in surrogate_of:
                     raise TrigactError(
-                        f"pipeline.victims.{group}: run {victim} is surrogate {surrogate_of[run_of(victim)]}: that "
+                        f"pipeline.victims.{group}: run {victim} is {'' if surrogate_of[run_of(victim)] in members else 'a member of '}"
+                        f"surrogate {surrogate_of[run_of(victim)]}: that "
                         "is a white-box attack, not a transfer; set pipeline.allow_whitebox=true to evaluate it anyway"
                     )
     check_attacks(CONF_DIR, cfg.pipeline.attacks, pipeline_budget(cfg))
@@ -167,15 +195,16 @@ def attack_and_evaluate(cfg: DictConfig, train_cfgs: dict, out: Path):
     """Stages 2 and 3 for the experiment's surrogates, attacks and victim groups (checked by
     :func:`check_evaluation_plan` before the training stage)."""
     groups = victim_groups(cfg)
-    surrogate_names = list(cfg.pipeline.surrogates)
+    entries = surrogate_entries(cfg)
 
     def deployed(name):
         return load_bundle(Path(train_cfgs[name].paths.run_dir) / BUNDLE_NAME)
 
-    first = train_cfgs[surrogate_names[0]]
+    first = train_cfgs[entries[0][1][0]]
     n_eval, split = cfg.pipeline.get("n_eval"), cfg.pipeline.get("split", "test")
     images = evaluation_images(OmegaConf.to_container(first.data, resolve=True), n_eval, split=split)
-    surrogates = {n: deployed(n) for n in surrogate_names}
+    surrogates = {name: deployed(runs[0]) if fusion is None else EnsembleModel([deployed(m) for m in runs], fusion, labels=runs)
+                  for name, runs, fusion in entries}
     banks = craft_at_budgets(
         cfg.paths.output_dir, first.data.name, images, surrogates, list(cfg.pipeline.attacks), CONF_DIR,
         pipeline_budget(cfg),

@@ -79,23 +79,29 @@ def bank_key(
     n_eval: int | None = None,
     seed: int | None = None,
     surrogate_sha256: str | None = None,
+    surrogate_ensemble: Mapping | None = None,
 ) -> dict:
     """Everything that makes a bank, as stored in ``meta.json["key"]``; its hash names the folder.
 
     ``data``: the image-defining keys of the data config; ``n_eval`` as asked for (None: all);
     ``seed``: the RNG seed set before crafting; ``surrogate_sha256``: the bundle file's hash, so a
-    retrained run under the same name does not reuse the old run's bank.
+    retrained run under the same name does not reuse the old run's bank (for an ensemble, its identity);
+    ``surrogate_ensemble``: an ensemble surrogate's fusion and members (``{fusion, members: [{run,
+    weights_sha256}]}``), recorded as ``key["surrogate"]["ensemble"]`` (absent for a single run).
     """
     config = _jsonable(dict(attack_config))
     if "eps" in config:  # "8/255" and 0.0313... are one budget
         config["eps"] = parse_eps(config["eps"], "attack.eps")
+    surrogate_entry = dict(name=str(surrogate), sha256=surrogate_sha256)
+    if surrogate_ensemble is not None:
+        surrogate_entry["ensemble"] = dict(surrogate_ensemble)
     return _jsonable(
         dict(
             dataset=str(dataset),
             data=None if data is None else dict(data),
             split=str(split),
             n_eval=n_eval,
-            surrogate=dict(name=str(surrogate), sha256=surrogate_sha256),
+            surrogate=surrogate_entry,
             attack=str(attack),
             attack_config=config,
             eps=parse_eps(eps, "attack.eps"),

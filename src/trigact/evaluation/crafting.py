@@ -3,7 +3,9 @@ finding those banks again.
 
 A bank is keyed by everything that makes it (:func:`trigact.evaluation.bank.bank_key`): the attack
 config after overrides, the surrogate's run and bundle hash, the data, the split, ``n_eval`` and the
-crafting seed. :func:`craft_banks` and :func:`load_banks` derive the key the same way from the same
+crafting seed. An ensemble surrogate (:class:`~trigact.models.ensemble.EnsembleModel`) is keyed by
+its identity (the hash of its fusion and members' weights) and lists its fusion and members in the
+key; its banks live in ``advbank/<dataset>/ensemble-<hash8>/``. :func:`craft_banks` and :func:`load_banks` derive the key the same way from the same
 arguments, so ``evaluate`` finds what ``attack`` or the pipeline crafted only when it is asked for
 the same thing.
 """
@@ -18,9 +20,10 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Subset
 
-from trigact.attacks import attack_from_config
+from trigact.attacks import attack_from_config, attack_spec
 from trigact.attacks.config import attack_config
-from trigact.models.deployed import DeployedModel
+from trigact.models.deployed import DeployedModel, run_id
+from trigact.models.ensemble import EnsembleModel
 from trigact.common.errors import TrigactError
 from trigact.common.validate import check_n_eval, check_split
 from trigact.evaluation.bank import Bank, bank_key, bank_path, ensure_bank, file_sha256, load_bank
@@ -49,25 +52,39 @@ def data_identity(data_cfg: Mapping, data_overrides: Mapping | None = None) -> d
 
 
 def surrogate_sha256(model: DeployedModel) -> str | None:
-    """sha256 of the surrogate's bundle file (None for a model not loaded from one)."""
+    """sha256 of the surrogate's bundle file (None for a model not loaded from one); for an ensemble,
+    its identity (the hash of its fusion and its members' weights, :mod:`trigact.models.ensemble`)."""
+    if isinstance(model, EnsembleModel):
+        return model.identity
     path = getattr(model, "meta", {}).get("path")
     return file_sha256(path) if path and Path(path).is_file() else None
 
 
 def bank_id(model: DeployedModel) -> str:
     """A bank-folder name unique to a surrogate's run: its registry path below the dataset, flattened
-    (``standard__lenet__none-15b738de__s0``). The pipeline and ``trigact.attack`` use the same name,
-    so each reuses the other's banks."""
-    config = model.meta.get("config") or {}
-    run_dir = model.meta.get("run_name")
-    runs_dir = (config.get("paths") or {}).get("runs_dir")
-    try:
-        rel = Path(run_dir).relative_to(runs_dir)
-        return "__".join(rel.parts[1:])  # the dataset is already a level of the bank tree
-    except (TypeError, ValueError):
-        # A bundle from elsewhere (no registry path): its file path, flattened and shortened.
-        path = Path(model.meta.get("path", "bundle"))
-        return "__".join(path.with_suffix("").parts[-4:]).replace(":", "_")
+    (``standard__lenet__none-15b738de__s0``, :func:`trigact.models.deployed.run_id`); an ensemble's
+    ``ensemble-<hash8>``. The pipeline and ``trigact.attack`` use the same name, so each reuses the
+    other's banks."""
+    if isinstance(model, EnsembleModel):
+        return model.name
+    return run_id(model.meta)
+
+
+def check_attack_fits(surrogate_name: str, model, attack_name: str, cfg: Mapping, conf_dir) -> None:
+    """Refuse, in one line, an attack that cannot run on this surrogate: a feature-level attack (its
+    config has ``params.feature_layer``) or one that hooks a vision transformer's blocks, on an ensemble."""
+    if not isinstance(model, EnsembleModel):
+        return
+    if "feature_layer" in (cfg.get("params") or {}):
+        raise TrigactError(
+            f"attack {attack_name!r} is feature-level (it needs one network's intermediate layer) and cannot run "
+            f"on ensemble surrogate {surrogate_name} ({model.name}): drop it, or attack the members one by one"
+        )
+    if getattr(attack_spec(attack_name, conf_dir), "surrogate", "any") == "vit":
+        raise TrigactError(
+            f"attack {attack_name!r} hooks one vision transformer's blocks and cannot run on ensemble surrogate "
+            f"{surrogate_name} ({model.name}): attack the members one by one"
+        )
 
 
 def data_config_of(models: Mapping[str, DeployedModel]) -> dict:
@@ -116,13 +133,18 @@ def _bank_keys(dataset_name, surrogates, attacks, conf_dir, overrides, seed, n_e
     # Every attack config first: a bad override is reported before anything reads a bundle.
     cfgs = {name: attack_config(conf_dir, name, overrides) for name in attacks}
     data = data_identity(data_config_of(surrogates), data_overrides)
+    for surrogate_name, model in surrogates.items():  # before any bank is crafted
+        for attack_name, cfg in cfgs.items():
+            check_attack_fits(surrogate_name, model, attack_name, cfg, conf_dir)
     keys = {}
     for surrogate_name, model in surrogates.items():
         sha = surrogate_sha256(model)
+        ensemble = model.key_detail() if isinstance(model, EnsembleModel) else None
         for attack_name, cfg in cfgs.items():
             keys[(surrogate_name, attack_name)] = cfg, bank_key(
                 dataset_name, bank_id(model), attack_name, cfg, cfg["eps"], cfg["steps"],
                 data=data, split=split, n_eval=n_eval, seed=seed, surrogate_sha256=sha,
+                surrogate_ensemble=ensemble,
             )
     return keys
 
@@ -152,7 +174,8 @@ def craft_banks(
         attack = attack_from_config(cfg, model)
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
         banks[(surrogate_name, attack_name)] = ensure_bank(
-            root, dataset_name, bank_id(model), model.meta.get("path"), model, attack_name, attack,
+            root, dataset_name, bank_id(model), None if isinstance(model, EnsembleModel) else model.meta.get("path"),
+            model, attack_name, attack,
             attack.config, cfg["eps"], cfg["steps"], loader, progress=progress, key=key,
         )
     return banks

@@ -545,18 +545,23 @@ def check_transfer(
     surrogate_runs: Mapping[str, Any] | None,
     allow_whitebox: bool = False,
 ) -> None:
-    """Refuse a victim that is the very run a surrogate came from (a white-box attack, not a transfer)."""
+    """Refuse a victim that is the very run a surrogate came from, or a member of an ensemble surrogate
+    (a white-box attack, not a transfer). ``surrogate_runs``: surrogate -> its run, or its members' runs."""
     if allow_whitebox or not victim_runs or not surrogate_runs:
         return
-    surrogate_keys = {s: _run_key(surrogate_runs[s]) for s in surrogates if s in surrogate_runs}
+
+    def keys(runs) -> set:
+        return {_run_key(r) for r in ([runs] if isinstance(runs, (str, os.PathLike)) or runs is None else runs)}
+
+    surrogate_keys = {s: keys(surrogate_runs[s]) for s in surrogates if s in surrogate_runs}
     for v in victims:
         if v not in victim_runs:
             continue
         key = _run_key(victim_runs[v])
         for s, s_key in surrogate_keys.items():
-            if key == s_key:
+            if key in s_key:
                 raise TrigactError(
-                    f"victim {v} is surrogate {s}: that is a white-box attack, not a transfer; "
+                    f"victim {v} is {'a member of ' if len(s_key) > 1 else ''}surrogate {s}: that is a white-box attack, not a transfer; "
                     "pass allow_whitebox=true to evaluate it anyway"
                 )
 

@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
 from trigact.models.deployed import DeployedModel
+from trigact.models.ensemble import run_paths
 from trigact.common.validate import parse_eps
 from trigact.common.errors import TrigactError, unknown_name
 from trigact.evaluation.bank import Bank
@@ -47,7 +48,7 @@ def evaluate_victims(
         return evaluate_matrix(
             victims, banks, clean_batches=clean,
             victim_runs=victim_runs,
-            surrogate_runs={k: v.meta.get("path") for k, v in surrogates.items()},
+            surrogate_runs={k: run_paths(v) for k, v in surrogates.items()},
             allow_whitebox=allow_whitebox, batch_size=batch_size,
         )
 

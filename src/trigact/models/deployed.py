@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -26,3 +28,18 @@ class DeployedModel(nn.Module):
         if self._tau is not None:
             x = (x + self._tau).clamp(0.0, 1.0)
         return self.net(x)
+
+
+def run_id(meta: dict) -> str:
+    """A name unique to a run, from its bundle metadata: its registry path below the dataset, flattened
+    (``standard__lenet__none-15b738de__s0``); for a bundle from elsewhere (no registry path) its file
+    path, flattened and shortened. TAE banks are named by it, so every entry point finds the same banks."""
+    config = meta.get("config") or {}
+    run_dir = meta.get("run_name")
+    runs_dir = (config.get("paths") or {}).get("runs_dir")
+    try:
+        rel = Path(run_dir).relative_to(runs_dir)
+        return "__".join(rel.parts[1:])  # the dataset is already a level of the bank tree
+    except (TypeError, ValueError):
+        path = Path(meta.get("path") or "bundle")
+        return "__".join(path.with_suffix("").parts[-4:]).replace(":", "_")

@@ -13,18 +13,26 @@ Relative patterns are tried against the working directory, then against the run 
 (``paths.runs_dir``). A pattern that matches no finished run is an error naming it; a sweep job
 whose run has no bundle (crashed or still running) is an error too, naming the job, since silently
 evaluating part of a sweep would give a wrong curve.
+
+Surrogates (:func:`select`, :func:`select_models`) may also be ensembles: an entry
+``{ensemble: [patterns...], fusion: logits|probs}`` is one surrogate, the fused model of every run its
+patterns name (each pattern as above; a glob or folder may name several members; duplicates count
+once; at least 2 runs). See :mod:`trigact.models.ensemble`. Victims are runs only.
 """
 
 from __future__ import annotations
 
 import glob
+from collections.abc import Mapping
 from pathlib import Path
 
 from hydra import compose
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
+from trigact.models.ensemble import FUSIONS, EnsembleModel
 from trigact.runs.bundle import BUNDLE_NAME, load_bundle
-from trigact.common.errors import TrigactError
+from trigact.common.errors import TrigactError, unknown_name
 from trigact.runs.naming import in_255ths
 
 SWEEP_MARKER = "multirun.yaml"
@@ -72,6 +80,10 @@ def find_runs(patterns, runs_dir, compose_train=None) -> list[Path]:
     """Bundle paths of the runs ``patterns`` name, in order, without duplicates."""
     if isinstance(patterns, (str, Path)):
         patterns = [patterns]
+    for p in patterns or []:
+        if isinstance(p, Mapping):
+            raise TrigactError(f"{_show(p)}: an ensemble can only be a surrogate; here give runs "
+                               "(bundle files, run folders, globs or a sweep folder)")
     patterns = [str(p) for p in (patterns or [])]
     if not patterns:
         raise TrigactError("no runs given: name bundle files, run folders, globs or a sweep folder")
@@ -141,16 +153,84 @@ def compose_train(overrides: list[str]):
     return compose(config_name="train", overrides=overrides)
 
 
-def unique_labels(bundles: list[Path]) -> dict[str, object]:
-    """Table name -> deployed model, labels made unique (``... (2)``) when two runs look alike."""
+def model_label(model) -> str:
+    """A short human name for a loaded surrogate or victim: :func:`run_label` of a run, and
+    ``ensemble(lenet standard s0 + tiny_resnet standard s0)`` (`` probs`` appended for that fusion)
+    for an ensemble. (No square brackets: rich would read them as markup in the summary tables.)"""
+    if isinstance(model, EnsembleModel):
+        fusion = "" if model.fusion == "logits" else f" {model.fusion}"
+        return f"ensemble({' + '.join(model.labels)}){fusion}"
+    return run_label(model.meta)
+
+
+def unique_labels(bundles) -> dict[str, object]:
+    """Table name -> deployed model (or ensemble), labels made unique (``... (2)``) when two look alike.
+
+    ``bundles``: bundle paths (loaded here) or models already loaded (e.g. an :class:`EnsembleModel`).
+    """
     models = {}
-    for path in bundles:
-        model = load_bundle(path)
-        label, k = run_label(model.meta), 2
+    for item in bundles:
+        model = item if isinstance(item, nn.Module) else load_bundle(item)
+        label, k = model_label(model), 2
         while label in models:
-            label, k = f"{run_label(model.meta)} ({k})", k + 1
+            label, k = f"{model_label(model)} ({k})", k + 1
         models[label] = model
     return models
+
+
+# ---------------------------------------------------------------------------------------- ensembles
+
+ENSEMBLE_KEYS = ("ensemble", "fusion")
+
+
+def _show(entry) -> str:
+    return "{" + ", ".join(f"{k}: {v}" for k, v in dict(entry).items()) + "}"
+
+
+def ensemble_from_spec(entry: Mapping, runs_dir, compose_train=None) -> EnsembleModel:
+    """The ensemble surrogate an entry ``{ensemble: [patterns...], fusion: logits|probs}`` names.
+
+    Each pattern is anything :func:`find_runs` takes (a glob or a folder may name several members);
+    every run they name is a member, once. One-line errors for a bad key, fusion or member list.
+    """
+    entry = dict(entry)
+    unknown = sorted(set(entry) - set(ENSEMBLE_KEYS))
+    if unknown or "ensemble" not in entry:
+        raise TrigactError(f"surrogate entry {_show(entry)}: an ensemble is {{ensemble: [runs...], fusion: "
+                           f"{'|'.join(FUSIONS)}}}" + (f"; unknown key(s) {', '.join(map(str, unknown))}" if unknown else ""))
+    fusion = entry.get("fusion") or "logits"
+    if fusion not in FUSIONS:
+        raise unknown_name("ensemble fusion", fusion, FUSIONS)
+    patterns = entry["ensemble"]
+    patterns = [patterns] if isinstance(patterns, (str, Path)) else list(patterns or [])
+    if not patterns or not all(isinstance(p, (str, Path)) for p in patterns):
+        raise TrigactError(f"surrogate entry {_show(entry)}: `ensemble` must list runs (bundle files, run folders, "
+                           "globs or sweep folders); ensembles do not nest")
+    bundles = find_runs(patterns, runs_dir, compose_train)
+    if len(bundles) < 2:
+        raise TrigactError(f"ensemble {list(map(str, patterns))} names {len(bundles)} run ({bundles[0]}); "
+                           "an ensemble needs at least 2 distinct runs")
+    members = [load_bundle(path) for path in bundles]
+    labels = list(unique_labels(members))  # two runs that look alike: "... (2)", as in the tables
+    return EnsembleModel(members, fusion, labels=labels)
+
+
+def select_models(spec, runs_dir, compose_train=None) -> dict[str, object]:
+    """Table name -> surrogate for ``spec``: patterns of runs (:func:`find_runs`) and ensemble entries
+    (:func:`ensemble_from_spec`), in order; a run or an ensemble named twice counts once."""
+    entries = list(spec) if isinstance(spec, (list, tuple)) else [spec]
+    if not any(isinstance(e, Mapping) for e in entries):
+        return unique_labels(find_runs(spec, runs_dir, compose_train))
+    items, seen = [], set()
+    for entry in entries:
+        found = ([ensemble_from_spec(entry, runs_dir, compose_train)] if isinstance(entry, Mapping)
+                 else find_runs([entry], runs_dir, compose_train))
+        for item in found:
+            identity = item.identity if isinstance(item, EnsembleModel) else item
+            if identity not in seen:
+                seen.add(identity)
+                items.append(item)
+    return unique_labels(items)
 
 
 def as_dict(node) -> dict:
@@ -164,4 +244,5 @@ def plain(cfg: DictConfig, key: str):
 
 
 def select(cfg: DictConfig, key: str) -> dict:
-    return unique_labels(find_runs(plain(cfg, key), cfg.paths.runs_dir, compose_train))
+    """Table name -> surrogate (deployed model or :class:`EnsembleModel`) for ``cfg[key]``."""
+    return select_models(plain(cfg, key), cfg.paths.runs_dir, compose_train)
