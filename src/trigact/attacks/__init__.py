@@ -7,7 +7,7 @@ subclass (:mod:`trigact.attacks.l2t`), RPA (:mod:`trigact.attacks.rpa`) and Diff
 (:mod:`trigact.attacks.diff_pgd`).
 """
 
-from trigact.attacks import diff_pgd, l2t, portable_common, rpa  # noqa: F401  (registration in torchattack's registry)
+from trigact.attacks import diff_pgd, l2t, portable_common, portable_feature, rpa  # noqa: F401  (registration in torchattack's registry)
 from trigact.attacks.registry import (
     DEFAULT_EPS,
     DEFAULT_STEPS,

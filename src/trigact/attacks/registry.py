@@ -23,6 +23,9 @@ The budget, ``eps`` and ``steps``, is not an attack's own: it is the evaluation 
 ``attack_overrides`` on top. ``params`` that are ``null`` and named in ``FROM_MODEL`` (``num_classes``)
 are read off the surrogate.
 
+An attack that has no honest place in L_inf tables keeps a config whose class refuses in one line when built
+(PGD-L2; the ``minimum_norm`` family: DeepFool and GeoDA, which take no eps), so that ``--list`` shows it.
+
 ``build_attack(name, model, eps, steps, **params)`` returns a :class:`TransferAttack`, a callable
 ``attack(x, y) -> x_adv`` on pixels in [0, 1].
 """
@@ -44,7 +47,7 @@ from trigact.common.devices import model_device
 from trigact.common.errors import TrigactError, unknown_name
 from trigact.common.validate import check_steps, parse_eps
 
-# The taxonomy of Trustworthy-AI-Group/TransferAttack, plus the two families outside it.
+# The taxonomy of Trustworthy-AI-Group/TransferAttack, plus the families outside it.
 FAMILIES = {
     "gradient": "gradient-based (momentum, variance tuning, ...)",
     "input_transformation": "input transformation (resize, scale, mix, shuffle, ...)",
@@ -53,6 +56,7 @@ FAMILIES = {
     "vit": "attacks that hook vision-transformer blocks",
     "generative": "a trained perturbation generator",
     "diffusion": "through a diffusion model",
+    "minimum_norm": "minimum-norm attacks without an eps budget (DeepFool, GeoDA): refused in L_inf tables",
 }
 # Constructor arguments we set ourselves on every attack, never from a config.
 MANAGED = ("model", "normalize", "device", "eps", "steps", "clip_min", "clip_max", "targeted")
