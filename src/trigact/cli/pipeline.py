@@ -125,7 +125,8 @@ def surrogate_entries(cfg: DictConfig) -> list[tuple[str, list[str], str | None]
     from trigact.models.ensemble import FUSIONS
 
     out = []
-    for entry in OmegaConf.to_container(cfg.pipeline.get("surrogates") or [], resolve=True):
+    node = cfg.pipeline.get("surrogates")
+    for entry in (OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else list(node or [])):
         if not isinstance(entry, dict):
             out.append((str(entry), [str(entry)], None))
             continue
