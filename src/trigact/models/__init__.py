@@ -6,7 +6,7 @@ Importing the architecture modules registers their models.
 from torch import nn
 
 from trigact.common.errors import TrigactError
-from trigact.models import cifar, imagenet, small  # noqa: F401  (registration side effect)
+from trigact.models import cifar, imagenet, small, vit  # noqa: F401  (registration side effect)
 from trigact.models import registry as _registry
 from trigact.models.classifier import ClassifierNet
 from trigact.models.ensemble import EnsembleModel, is_ensemble
