@@ -27,6 +27,7 @@ from trigact.methods.trades import trades_loss
 from trigact.models import build_model
 from trigact.training.build import build_run
 from trigact.training.run import train
+from _helpers_torch import one_thread  # noqa: F401  (autouse: one intra-op thread)
 
 AT_METHODS = {"pgd_at": PGDATModule, "trades": TradesModule, "rat": RATModule, "tdat": TDATModule}
 EPS = "32/255"
@@ -42,13 +43,6 @@ AT_OVERRIDES = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small convolutions on 2 busy cores run several times faster on one intra-op thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def small_net(image_size=8):

@@ -20,6 +20,7 @@ from trigact.attacks import portable_feature as pf
 from trigact.common.errors import TrigactError
 from trigact.models import build_model, feature_layer
 from trigact.models.deployed import DeployedModel
+from _helpers_torch import one_thread, train_digits_net  # noqa: F401  (one_thread: autouse)
 
 EPS = 8 / 255
 VIT_ATTACKS = ["att", "pna_patchout", "tgr", "vdc"]
@@ -30,13 +31,6 @@ REFUSED = ["deepfool", "geoda"]
 STRENGTH_IMAGES, STRENGTH_STEPS, STRENGTH_MARGIN = 64, 5, 0.2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on 2 shared cores two threads make the ViT's small matmuls 20-40x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _seed(seed: int = 0) -> None:
@@ -80,20 +74,7 @@ def batch():
     return torch.rand(4, 1, 16, 16, generator=gen), torch.randint(0, 10, (4,), generator=gen)
 
 
-def _train(dm, name: str, epochs: int) -> nn.Module:
-    torch.manual_seed(0)
-    net = build_model(name, num_classes=10, in_chans=1, image_size=16, mean=dm.mean, std=dm.std)
-    x, y = dm.train_set.tensors
-    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-    net.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(x))
-        for i in range(0, len(x), 64):
-            idx = perm[i : i + 64]
-            opt.zero_grad()
-            F.cross_entropy(net(x[idx]), y[idx]).backward()
-            opt.step()
-    return net.eval()
+_train = train_digits_net
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 import yaml
 from torch import nn
 
@@ -28,6 +27,7 @@ from trigact.attacks import (
 from trigact.common.validate import parse_eps
 from trigact.common.errors import TrigactError
 from trigact.models import build_model
+from _helpers_torch import train_digits_net  # noqa: E402
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "attack"
 EPS = 8 / 255
@@ -225,21 +225,7 @@ def test_feature_layer_default_and_override(tiny_model):
 
 
 def _train_small_cnn(dm, epochs=6):
-    torch.manual_seed(0)
-    net = build_model(
-        "small_cnn", num_classes=10, in_chans=1, image_size=16, mean=dm.mean, std=dm.std
-    )
-    x, y = dm.train_set.tensors
-    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-    net.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(x))
-        for i in range(0, len(x), 64):
-            idx = perm[i : i + 64]
-            opt.zero_grad()
-            F.cross_entropy(net(x[idx]), y[idx]).backward()
-            opt.step()
-    return net.eval()
+    return train_digits_net(dm, "small_cnn", epochs)
 
 
 @pytest.fixture(scope="module")

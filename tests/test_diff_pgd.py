@@ -12,6 +12,7 @@ from torch import nn
 from trigact.attacks import attack_spec
 from trigact.attacks.diff_pgd import DiffPGD
 from trigact.common.errors import TrigactError
+from _helpers_torch import one_thread  # noqa: F401  (autouse: one intra-op thread)
 
 # About 40k parameters; a UNet call on a few 8x8 images takes a few ms.
 TINY_UNET = {
@@ -57,13 +58,6 @@ def in_budget(x_adv, x, eps=EPS):
     return (x_adv - x).abs().max().item() <= eps + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Ops this small run fastest on one thread, and 2 threads on 2 busy shared cores thrash."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
