@@ -220,3 +220,31 @@ def test_a_victim_that_is_a_member_of_an_ensemble_surrogate_is_white_box(shrunk_
                                                           f"victims=[{LENET}]", "name=wb", *CHEAP[:-1]])
         with pytest.raises(TrigactError, match="is a member of surrogate ensemble.*white-box"):
             run_evaluate(cfg)
+
+
+def test_the_pipeline_leaves_out_a_feature_level_attack_on_its_ensemble_and_says_so(shrunk_demo, tmp_path, capsys):
+    """An ensemble beside single surrogates with a feature-level attack: the pipeline crafts every pair
+    that can run, lists the one that cannot in skipped.json and under table.md, and the fia row averages
+    the single surrogates only."""
+    import csv
+
+    from conftest import DEMO_OVERRIDES
+    from trigact.cli.pipeline import run_pipeline
+
+    root = registry_copy(shrunk_demo, tmp_path)
+    plan = ["pipeline.attacks=[pgd,fia]", "pipeline.n_eval=24", "pipeline.attack_overrides.steps=2",
+            "pipeline.surrogates=[surrogate_lenet,{ensemble:[surrogate_lenet,surrogate_tiny_resnet]}]"]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="pipeline", overrides=[f"paths.root_dir={root}", *DEMO_OVERRIDES, *plan])
+        run_pipeline(cfg)
+    out = capsys.readouterr().out
+    ensemble = "ensemble(surrogate_lenet + surrogate_tiny_resnet)"
+    assert f"skipped: attack 'fia' is feature-level (it needs one network's intermediate layer); it cannot run " \
+           f"on surrogate {ensemble}" in out
+    results = root / "outputs" / "pipeline" / "demo"
+    assert json.loads((results / "skipped.json").read_text()) == [
+        {"surrogate": ensemble, "attack": "fia", "reason": "attack 'fia' is feature-level (it needs one network's "
+                                                           "intermediate layer)"}]
+    cells = {(r["surrogate"], r["attack"]) for r in csv.DictReader((results / "matrix.csv").open())}
+    assert cells == {("surrogate_lenet", "pgd"), ("surrogate_lenet", "fia"), (ensemble, "pgd")}
+    assert f"fia not on {ensemble}" in (results / "table.md").read_text()

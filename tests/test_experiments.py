@@ -46,12 +46,30 @@ def test_the_fashion_mnist_experiments_share_runs(tmp_path):
     assert {n for n in seeds if n in defenses} == set(preprocessing)
 
 
+def test_the_attack_suites_reuse_the_runs_of_the_demo_and_the_eps_sweep(tmp_path):
+    def run_dirs(name):
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose(config_name="pipeline", overrides=[f"paths.root_dir={tmp_path}", f"experiment={name}"])
+            return {r: compose(config_name="train", overrides=run_overrides(cfg, r)).paths.run_dir for r in cfg.pipeline.runs}
+
+    for suite, base, shared in [
+        ("digits_attack_suite", "demo", {"surrogate_lenet", "standard", "fixed_eps32", "learnable_alpha16"}),
+        ("fmnist_attack_suite", "fmnist_eps_sweep", {"surrogate_small_cnn", "surrogate_lenet", "surrogate_tiny_resnet",
+                                                      "standard", "fixed_eps32", "learnable_alpha4"}),
+    ]:
+        mine, theirs = run_dirs(suite), run_dirs(base)
+        assert {n for n in mine if theirs.get(n) == mine[n]} == shared, suite
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["pipeline.attacks=[pgd,pgdd]"], "unknown attack 'pgdd'"),
     (["pipeline.surrogates=[]"], "pipeline.surrogates is empty"),
     (["+pipeline.victims.A=[standard,nope]"], "unknown pipeline run 'nope'"),
     (["pipeline.attack_overrides.steps=2.5"], "attack_overrides.steps=2.5"),
     (["defense=nrp"], "needs weights="),
+    (["pipeline.skip_inapplicable=false", "pipeline.attacks=[pgd,fia]",
+      "pipeline.surrogates=[{ensemble:[surrogate_lenet,surrogate_tiny_resnet]}]"],
+     "attack 'fia' is feature-level"),
 ])
 def test_a_bad_evaluation_plan_fails_before_any_training(overrides, message, tmp_path):
     from trigact.common.errors import TrigactError

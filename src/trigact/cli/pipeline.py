@@ -20,7 +20,7 @@ import torch
 from hydra import compose
 from omegaconf import DictConfig, OmegaConf
 
-from trigact.attacks.config import budget_overrides
+from trigact.attacks.config import attack_config, budget_overrides
 from trigact.cli import quiet_libraries, user_errors
 from trigact.common.config import CONF_DIR
 from trigact.common.errors import TrigactError, unknown_name
@@ -29,7 +29,7 @@ from trigact.common.report import markdown_table, print_table
 from trigact.common.tracking import job_run, log_tables
 from trigact.common.validate import check_n_eval, check_seed, check_split
 from trigact.evaluation.budgets import check_attacks, craft_at_budgets
-from trigact.evaluation.crafting import evaluation_images
+from trigact.evaluation.crafting import evaluation_images, unfit_pairs, unfit_reason
 from trigact.evaluation.tables import bank_rows, robustness_tables, write_results
 from trigact.evaluation.victims import defend, defense_config, evaluate_victims, victim_record
 from trigact.runs import register_resolvers
@@ -178,6 +178,13 @@ def check_evaluation_plan(cfg: DictConfig, run_dirs: dict[str, str] | None = Non
                         "is a white-box attack, not a transfer; set pipeline.allow_whitebox=true to evaluate it anyway"
                     )
     check_attacks(CONF_DIR, cfg.pipeline.attacks, pipeline_budget(cfg))
+    if not cfg.pipeline.get("skip_inapplicable", True):
+        for name, _, fusion in entries:
+            for attack in cfg.pipeline.attacks:
+                reason = unfit_reason(attack, attack_config(CONF_DIR, attack), CONF_DIR, ensemble=fusion is not None)
+                if reason:
+                    raise TrigactError(f"pipeline.surrogates: {reason} and cannot run on ensemble surrogate {name}; "
+                                       "set pipeline.skip_inapplicable=true to leave out such pairs")
     for spec in groups.values():
         defense = spec["defense"] if isinstance(spec["defense"], dict) else defense_config(CONF_DIR, spec["defense"])
         defend(torch.nn.Identity(), defense)  # builds it: bad parameters and missing weights fail here
@@ -206,10 +213,17 @@ def attack_and_evaluate(cfg: DictConfig, train_cfgs: dict, out: Path):
     images = evaluation_images(OmegaConf.to_container(first.data, resolve=True), n_eval, split=split)
     surrogates = {name: deployed(runs[0]) if fusion is None else EnsembleModel([deployed(m) for m in runs], fusion, labels=runs)
                   for name, runs, fusion in entries}
+    skip = {}
+    if cfg.pipeline.get("skip_inapplicable", True):  # else crafting refuses such a pair in one line
+        skip = unfit_pairs(surrogates, list(cfg.pipeline.attacks), CONF_DIR)
+        for (surrogate, attack), reason in skip.items():
+            print(f"skipped: {reason}; it cannot run on surrogate {surrogate}")
+        atomic_write_json([{"surrogate": s, "attack": a, "reason": r} for (s, a), r in skip.items()],
+                          out / "skipped.json")
     banks = craft_at_budgets(
         cfg.paths.output_dir, first.data.name, images, surrogates, list(cfg.pipeline.attacks), CONF_DIR,
         pipeline_budget(cfg),
-        seed=cfg.seed, n_eval=n_eval, split=split,
+        seed=cfg.seed, n_eval=n_eval, split=split, skip=set(skip),
     )
     if cfg.get("wandb") and cfg.wandb.enabled:
         run = job_run(OmegaConf.merge(cfg, {"wandb": {"group": wandb_group(cfg)}}), "attack",

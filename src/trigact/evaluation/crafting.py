@@ -70,21 +70,34 @@ def bank_id(model: DeployedModel) -> str:
     return run_id(model.meta)
 
 
-def check_attack_fits(surrogate_name: str, model, attack_name: str, cfg: Mapping, conf_dir) -> None:
-    """Refuse, in one line, an attack that cannot run on this surrogate: a feature-level attack (its
-    config has ``params.feature_layer``) or one that hooks a vision transformer's blocks, on an ensemble."""
-    if not isinstance(model, EnsembleModel):
-        return
+def unfit_reason(attack_name: str, cfg: Mapping, conf_dir, ensemble: bool) -> str | None:
+    """Why an attack cannot run on a surrogate (None when it can): a feature-level attack (its config has
+    ``params.feature_layer``) or one that hooks a vision transformer's blocks, on an ensemble."""
+    if not ensemble:
+        return None
     if "feature_layer" in (cfg.get("params") or {}):
-        raise TrigactError(
-            f"attack {attack_name!r} is feature-level (it needs one network's intermediate layer) and cannot run "
-            f"on ensemble surrogate {surrogate_name} ({model.name}): drop it, or attack the members one by one"
-        )
+        return f"attack {attack_name!r} is feature-level (it needs one network's intermediate layer)"
     if getattr(attack_spec(attack_name, conf_dir), "surrogate", "any") == "vit":
+        return f"attack {attack_name!r} hooks one vision transformer's blocks"
+    return None
+
+
+def check_attack_fits(surrogate_name: str, model, attack_name: str, cfg: Mapping, conf_dir) -> None:
+    """Refuse, in one line, an attack that cannot run on this surrogate (:func:`unfit_reason`)."""
+    reason = unfit_reason(attack_name, cfg, conf_dir, isinstance(model, EnsembleModel))
+    if reason:
         raise TrigactError(
-            f"attack {attack_name!r} hooks one vision transformer's blocks and cannot run on ensemble surrogate "
-            f"{surrogate_name} ({model.name}): attack the members one by one"
+            f"{reason} and cannot run on ensemble surrogate {surrogate_name} ({model.name}): drop it, attack the "
+            "members one by one, or (pipeline) set pipeline.skip_inapplicable=true to leave out such pairs"
         )
+
+
+def unfit_pairs(surrogates: Mapping[str, DeployedModel], attacks: list[str], conf_dir,
+                overrides: Mapping | None = None) -> dict[tuple[str, str], str]:
+    """``(surrogate, attack) -> reason`` for every pair that cannot run (:func:`unfit_reason`)."""
+    cfgs = {name: attack_config(conf_dir, name, overrides) for name in attacks}
+    return {(s, a): reason for s, model in surrogates.items() for a, cfg in cfgs.items()
+            if (reason := unfit_reason(a, cfg, conf_dir, isinstance(model, EnsembleModel)))}
 
 
 def data_config_of(models: Mapping[str, DeployedModel]) -> dict:
@@ -126,8 +139,11 @@ def evaluation_images(data_cfg: Mapping, n_eval: int | None, data_overrides: Map
     return evaluation_subset(images, n_eval)
 
 
-def _bank_keys(dataset_name, surrogates, attacks, conf_dir, overrides, seed, n_eval, split, data_overrides):
-    """(surrogate, attack) -> (attack config, bank key), derived alike for crafting and loading."""
+def _bank_keys(dataset_name, surrogates, attacks, conf_dir, overrides, seed, n_eval, split, data_overrides,
+               skip=()):
+    """(surrogate, attack) -> (attack config, bank key), derived alike for crafting and loading; the
+    ``skip`` pairs are left out."""
+    skip = set(skip)
     check_split(split)
     n_eval = check_n_eval(n_eval)
     # Every attack config first: a bad override is reported before anything reads a bundle.
@@ -135,12 +151,15 @@ def _bank_keys(dataset_name, surrogates, attacks, conf_dir, overrides, seed, n_e
     data = data_identity(data_config_of(surrogates), data_overrides)
     for surrogate_name, model in surrogates.items():  # before any bank is crafted
         for attack_name, cfg in cfgs.items():
-            check_attack_fits(surrogate_name, model, attack_name, cfg, conf_dir)
+            if (surrogate_name, attack_name) not in skip:
+                check_attack_fits(surrogate_name, model, attack_name, cfg, conf_dir)
     keys = {}
     for surrogate_name, model in surrogates.items():
         sha = surrogate_sha256(model)
         ensemble = model.key_detail() if isinstance(model, EnsembleModel) else None
         for attack_name, cfg in cfgs.items():
+            if (surrogate_name, attack_name) in skip:
+                continue
             keys[(surrogate_name, attack_name)] = cfg, bank_key(
                 dataset_name, bank_id(model), attack_name, cfg, cfg["eps"], cfg["steps"],
                 data=data, split=split, n_eval=n_eval, seed=seed, surrogate_sha256=sha,
@@ -152,7 +171,7 @@ def _bank_keys(dataset_name, surrogates, attacks, conf_dir, overrides, seed, n_e
 def craft_banks(
     root, dataset_name: str, dataset, surrogates: Mapping[str, DeployedModel], attacks: list[str],
     conf_dir, overrides: Mapping | None = None, batch_size: int = 128, progress: bool = True, seed: int = 0,
-    *, n_eval: int | None = None, split: str = "test", data_overrides: Mapping | None = None,
+    *, n_eval: int | None = None, split: str = "test", data_overrides: Mapping | None = None, skip=(),
 ) -> dict[tuple[str, str], Bank]:
     """One bank per (surrogate, attack); existing complete banks are reused, never redone.
 
@@ -160,12 +179,14 @@ def craft_banks(
     (:func:`bank_id`), so every entry point finds the same banks whatever the table calls them.
     ``dataset``: the images of ``split`` of the surrogates' data config with ``data_overrides`` on
     top (:func:`evaluation_images`); its first ``n_eval`` are used. The key records these settings,
-    so :func:`load_banks` with the same arguments finds the banks.
+    so :func:`load_banks` with the same arguments finds the banks. ``skip``: ``(surrogate, attack)``
+    pairs to leave out (e.g. :func:`unfit_pairs`); without it such a pair is refused in one line.
 
     Random starts and input diversity draw from the global RNGs, which are re-seeded with ``seed``
     before each bank, so a bank does not depend on what ran before it in the process.
     """
-    keys = _bank_keys(dataset_name, surrogates, attacks, conf_dir, overrides, seed, n_eval, split, data_overrides)
+    keys = _bank_keys(dataset_name, surrogates, attacks, conf_dir, overrides, seed, n_eval, split, data_overrides,
+                      skip)
     dataset = evaluation_subset(dataset, n_eval)
     banks = {}
     for (surrogate_name, attack_name), (cfg, key) in keys.items():
@@ -183,12 +204,13 @@ def craft_banks(
 
 def load_banks(root, dataset_name: str, surrogates: Mapping[str, DeployedModel], attacks: list[str], conf_dir,
                overrides: Mapping | None = None, *, seed: int = 0, n_eval: int | None = None, split: str = "test",
-               data_overrides: Mapping | None = None) -> dict[tuple[str, str], Bank]:
+               data_overrides: Mapping | None = None, skip=()) -> dict[tuple[str, str], Bank]:
     """The existing complete banks of every (surrogate, attack), found by the key :func:`craft_banks`
     gives the same arguments; a missing one is a one-line error saying how to make it
     (``trigact.evaluate`` scores, it never crafts)."""
     banks = {}
-    keys = _bank_keys(dataset_name, surrogates, attacks, conf_dir, overrides, seed, n_eval, split, data_overrides)
+    keys = _bank_keys(dataset_name, surrogates, attacks, conf_dir, overrides, seed, n_eval, split, data_overrides,
+                      skip)
     for (surrogate_name, attack_name), (_, key) in keys.items():
         path = bank_path(root, key)
         if not (path / "meta.json").is_file():

@@ -505,8 +505,28 @@ class RobustnessMatrix:
 
         lines = ["| | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
         lines += [row(label, marked=label != CLEAN_ROW) for label in self.rows]
-        lines += ["", FOOTNOTE + (FOOTNOTE_INTERVALS if intervals else "")]
+        lines += ["", FOOTNOTE + (FOOTNOTE_INTERVALS if intervals else "") + self._missing_note()]
         return "\n".join(lines) + "\n"
+
+    def missing_pairs(self) -> dict[str, list[str]]:
+        """``attack -> surrogates it has no cell for`` (e.g. a feature-level attack on an ensemble), only
+        for attacks that miss one: their rows average fewer surrogates, and no image was tested there."""
+        have: dict[str, set] = {}
+        for c in self.cells:
+            have.setdefault(c["attack"], set()).add(c["surrogate"])
+        return {a: [s for s in self.surrogates if s not in have[a]] for a in self.attacks
+                if len(have[a]) < len(self.surrogates)}
+
+    def _missing_note(self) -> str:
+        missing = self.missing_pairs()
+        if not missing:
+            return ""
+        by_surrogates: dict[tuple[str, ...], list[str]] = {}
+        for attack, surrogates in missing.items():
+            by_surrogates.setdefault(tuple(surrogates), []).append(attack)
+        parts = [f"{', '.join(attacks)} not on {' or '.join(s)}" for s, attacks in by_surrogates.items()]
+        return (" Not run (the attack cannot run on that surrogate): " + "; ".join(parts)
+                + "; those rows average the other surrogates, and the Worst case has no cell there.")
 
     def plot_mean_robustness(self, groups: Mapping[str, list[str]] | None, path) -> Path:
         """A bar chart of the Mean row (robust accuracy in %, per group), saved atomically as PNG."""
