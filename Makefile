@@ -15,10 +15,11 @@ install: $(STAMP)
 
 # Reinstall only when the dependency files change. torch/torchvision come first, pinned, so that
 # pip takes the local wheels rather than resolving a newer build for another package.
-$(STAMP): requirements.txt setup.cfg pyproject.toml
+$(STAMP): requirements.txt requirements-nodeps.txt setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -qq torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -qq -r requirements.txt
+	$(PY) -m pip install -qq --no-deps -r requirements-nodeps.txt
 	$(PY) -m pip install -qq --no-deps -e '.[dev]'
 	$(PY) -m pip install -qq 'pytest>=8'
 	touch $(STAMP)

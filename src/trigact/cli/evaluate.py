@@ -18,16 +18,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import hydra
+import torch
 from omegaconf import DictConfig
 
 from trigact.attacks.config import budget_overrides
 from trigact.cli import quiet_libraries, user_errors
 from trigact.common.config import CONF_DIR
 from trigact.common.errors import TrigactError
+from trigact.common.io import atomic_write_json, atomic_write_text
 from trigact.common.tracking import job_run, log_tables
 from trigact.common.validate import check_n_eval, check_name, check_seed, check_split, check_steps
 from trigact.evaluation.budgets import load_at_budgets
-from trigact.evaluation.crafting import data_config_of
+from trigact.evaluation.crafting import data_config_of, evaluation_images
 from trigact.evaluation.tables import robustness_tables, write_results
 from trigact.evaluation.victims import defend, evaluate_victims, victim_record
 from trigact.runs import register_resolvers
@@ -52,6 +54,8 @@ def run_evaluate(cfg: DictConfig):
     batch_size = check_steps(cfg.batch_size, "batch_size")
     # What the banks were crafted with: they are found by it.
     seed, n_eval, split = check_seed(cfg.seed, "seed"), check_n_eval(cfg.get("n_eval")), check_split(cfg.get("split", "test"))
+    if cfg.get("threat"):
+        return run_adaptive(cfg, batch_size, seed, n_eval, split)
     surrogates = select(cfg, "surrogates")
     columns = victim_columns(cfg)
     everyone = {**surrogates, **{n: m for group in columns.values() for n, m in group.items()}}
@@ -60,11 +64,23 @@ def run_evaluate(cfg: DictConfig):
                               as_dict(cfg.get("attack_params")))
     banks = load_at_budgets(cfg.paths.output_dir, data_name, surrogates, list(cfg.attacks), CONF_DIR, budget,
                             seed=seed, n_eval=n_eval, split=split, data_overrides=as_dict(cfg.get("data_overrides")))
+    victims, runs, records, groups = defended_victims(cfg, columns)
+    matrix = evaluate_victims(victims, surrogates, banks, allow_whitebox=bool(cfg.allow_whitebox),
+                           batch_size=batch_size, victim_runs=runs)
+    out = write_results(matrix, groups, records, cfg.results_dir, intervals=bool(cfg.get("intervals", False)))
+    run = job_run(cfg, "eval", f"eval-{Path(out).name}", out)
+    if run is not None:
+        log_tables(run, robustness_tables(matrix, groups, records))
+        run.finish()
+    return matrix, groups, out
+
+
+def defended_victims(cfg: DictConfig, columns: dict[str, dict]):
+    """``(victims, runs, records, groups)``: every victim behind ``defense`` (if any), named by column."""
     defense = as_dict(cfg.get("defense")) or None
     if defense and defense.get("name") in (None, "none"):
         defense = None
     tag = defense.get("label", defense["name"]) if defense else None
-
     victims, runs, records, groups = {}, {}, [], {}
     for group, members in columns.items():
         column = f"{group} + {tag}" if tag else group  # the table says which defense stood in front
@@ -74,13 +90,29 @@ def run_evaluate(cfg: DictConfig):
             victims[name], runs[name] = defend(model, defense), model.meta.get("path")
             records.append(victim_record(name, column, model, tag))
             groups[column].append(name)
-    matrix = evaluate_victims(victims, surrogates, banks, allow_whitebox=bool(cfg.allow_whitebox),
-                           batch_size=batch_size, victim_runs=runs)
+    return victims, runs, records, groups
+
+
+def run_adaptive(cfg: DictConfig, batch_size: int, seed: int, n_eval, split: str):
+    """``threat=L5|L6``: each victim attacked itself on the first ``n_eval`` images of ``split``."""
+    from trigact.threats.evaluate import check_level_config, evaluate_adaptive
+    from trigact.threats.levels import level_meta
+
+    level_cfg = as_dict(cfg.threat)
+    level, _, _ = check_level_config(level_cfg)
+    columns = victim_columns(cfg)
+    victims, _, records, groups = defended_victims(cfg, columns)
+    models = {n: m for group in columns.values() for n, m in group.items()}
+    images = evaluation_images(data_config_of(models), n_eval, as_dict(cfg.get("data_overrides")), split=split)
+    x, y = (torch.stack(t) for t in zip(*(images[i] for i in range(len(images)))))
+    matrix, sanity = evaluate_adaptive(victims, x, y.long(), level_cfg, seed=seed, batch_size=batch_size,
+                                       sanity=bool(cfg.get("sanity", True)))
     out = write_results(matrix, groups, records, cfg.results_dir, intervals=bool(cfg.get("intervals", False)))
-    run = job_run(cfg, "eval", f"eval-{Path(out).name}", out)
-    if run is not None:
-        log_tables(run, robustness_tables(matrix, groups, records))
-        run.finish()
+    atomic_write_json({"threat": level_meta(level), "config": level_cfg, "sanity": sanity}, Path(out) / "threat.json")
+    flags = [f"- {name}: {flag}" for name, report in sanity.items() for flag in report["flags"]]
+    if flags:  # a flagged victim is said so under its table, not silently reported
+        table = Path(out) / "table.md"
+        atomic_write_text(table.read_text() + "\nSanity flags:\n" + "\n".join(flags) + "\n", table)
     return matrix, groups, out
 
 

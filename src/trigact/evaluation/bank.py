@@ -41,6 +41,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from trigact.threats.levels import level_meta, transfer_level
 from trigact.common.validate import parse_eps
 from trigact.common.errors import TrigactError
 from trigact.common.validate import check_name
@@ -504,6 +505,7 @@ def _craft_bank(path, key, dataset, surrogate_name, surrogate_bundle, surrogate_
         dataset=str(dataset),
         surrogate=dict(name=str(surrogate_name), bundle=None if surrogate_bundle is None else str(surrogate_bundle)),
         attack=str(attack_name),
+        threat=level_meta(transfer_level(surrogate_model)),  # who the attacker is (DESIGN.md, Threat models)
         attack_config=_jsonable(dict(attack_config)),
         eps=eps,
         eps_255=eps_tag(eps),
