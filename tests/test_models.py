@@ -91,6 +91,14 @@ def test_small_models_fit_digits_and_fashion_mnist(name):
     for size in (16, 28):
         net = build_model(name, 10, in_chans=1, image_size=size)
         assert net(torch.rand(2, 1, size, size)).shape == (2, 10)
+        # Input-diversity attacks (DI-FGSM, L2T, ...) feed resized copies: every small model takes them.
+        assert net(torch.rand(2, 1, size + 3, size + 3)).shape == (2, 10)
+
+
+def test_the_mlps_resize_is_the_identity_at_its_own_size():
+    net = build_model("mlp", 10, in_chans=1, image_size=16)
+    x = torch.rand(3, 1, 16, 16)
+    assert torch.equal(net.backbone.resize(x), x)
 
 
 def test_normalize_is_per_channel_standardization():

@@ -87,10 +87,13 @@ def tiny_resnet(num_classes: int, in_chans: int, image_size: int, width: int = 1
 
 @register_model("mlp", family="small", feature_layer="backbone.act1", min_image_size=1)
 def mlp(num_classes: int, in_chans: int, image_size: int, hidden: int = 256) -> nn.Module:
-    """Two hidden ReLU layers on the flattened image: no convolution; inputs must be image_size square."""
+    """Two hidden ReLU layers on the flattened image: no convolution. An input of another size (the
+    resized copies of DI-FGSM, L2T, ...) is average-pooled to image_size first; at image_size that is the
+    identity."""
     check_int("hidden", hidden, 1, " (model 'mlp')")
     return nn.Sequential(
         OrderedDict(
+            resize=nn.AdaptiveAvgPool2d(image_size),
             flatten=nn.Flatten(),
             fc1=nn.Linear(in_chans * image_size * image_size, hidden),
             act1=nn.ReLU(),

@@ -30,4 +30,7 @@ def vit_tiny(num_classes: int, in_chans: int, image_size: int, patch_size: int =
     return VisionTransformer(
         img_size=image_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
         embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=2.0, qkv_bias=True,
+        # Resized inputs (DI-FGSM, L2T, ...): the position embedding is resampled and the image padded
+        # to whole patches; at image_size both are the identity.
+        dynamic_img_size=True, dynamic_img_pad=True,
     )
