@@ -208,3 +208,34 @@ def test_l4_the_defenders_objective_recovers_a_trigger_that_activates_f(shrunk_d
     random = estimate_quality(model.net, model.trigger, torch.sign(torch.randn_like(model.trigger)) * 32 / 255,
                               *tensors("test", 360))
     assert abs(random["sign_agreement"] - 0.5) < 0.1  # a random sign pattern: chance agreement
+
+
+def test_evaluate_threat_l4_estimates_each_trigger_on_validation_images_and_scores_on_f_t(shrunk_demo, tmp_path):
+    import shutil
+
+    from trigact.cli.evaluate import run_evaluate
+
+    root, _ = shrunk_demo
+    shutil.copytree(root / "outputs" / "runs", tmp_path / "outputs" / "runs")
+    base = [f"paths.root_dir={tmp_path}", "threat=L4", "n_eval=40", "threat.eps=16/255",
+            "victims=[digits/standard/small_cnn/*/s0," + FIXED_RUN + "]", "threat.estimate.n_images=64",
+            "threat.estimate.steps=5", "threat.estimate.restarts=1", "threat.attacks.pgd50_estimate.steps=5",
+            "threat.attacks.apgd_ce_estimate.steps=5", "threat.attacks.pgd50_raw.steps=5"]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        matrix, groups, out = run_evaluate(compose(config_name="evaluate", overrides=[*base, "name=l4"]))
+        with pytest.raises(TrigactError, match=r"through='victim'; allowed: estimate, raw"):
+            run_evaluate(compose(config_name="evaluate", overrides=[*base, "name=bad",
+                                                                    "threat.attacks.pgd50_raw.through=victim"]))
+        with pytest.raises(TrigactError, match="validation split; evaluate on split=test"):
+            run_evaluate(compose(config_name="evaluate", overrides=[*base, "name=bad2", "split=val"]))
+    report = json.loads((out / "threat.json").read_text())
+    standard, fixed = list(groups)
+    assert report["threat"]["level"] == "L4"
+    estimate = report["sanity"][fixed]["estimate"]
+    assert 0 <= estimate["sign_agreement"] <= 1 and estimate["acc_estimate"] > estimate["acc_no_trigger"]
+    assert report["sanity"][standard]["estimate"]["sign_agreement"] is None  # no trigger to agree with
+    assert {(c["victim"], c["attack"]) for c in matrix.cells} == {
+        (v, a) for v in (standard, fixed) for a in ("pgd50_estimate", "apgd_ce_estimate", "pgd50_raw")}
+    cells = {(c["victim"], c["attack"]): c["accuracy"] for c in matrix.cells}
+    # On a standard victim the raw network is the victim: white box, so it falls far below clean.
+    assert cells[(standard, "pgd50_raw")] < matrix.clean[standard] - 0.3

@@ -94,7 +94,7 @@ def defended_victims(cfg: DictConfig, columns: dict[str, dict]):
 
 
 def run_adaptive(cfg: DictConfig, batch_size: int, seed: int, n_eval, split: str):
-    """``threat=L5|L6``: each victim attacked itself on the first ``n_eval`` images of ``split``."""
+    """``threat=L4|L5|L6``: each victim attacked itself on the first ``n_eval`` images of ``split``."""
     from trigact.threats.evaluate import check_level_config, evaluate_adaptive
     from trigact.threats.levels import level_meta
 
@@ -105,11 +105,19 @@ def run_adaptive(cfg: DictConfig, batch_size: int, seed: int, n_eval, split: str
     models = {n: m for group in columns.values() for n, m in group.items()}
     images = evaluation_images(data_config_of(models), n_eval, as_dict(cfg.get("data_overrides")), split=split)
     x, y = (torch.stack(t) for t in zip(*(images[i] for i in range(len(images)))))
+    attacker = None
+    if level == "L4":  # the attacker's own labelled images: validation images, never the test split
+        if split == "val":
+            raise TrigactError("threat=L4 draws the attacker's images from the validation split; evaluate on split=test")
+        own = evaluation_images(data_config_of(models), (level_cfg.get("estimate") or {}).get("n_images"),
+                                as_dict(cfg.get("data_overrides")), split="val")
+        ax, ay = (torch.stack(t) for t in zip(*(own[i] for i in range(len(own)))))
+        attacker = (ax, ay.long())
     matrix, sanity = evaluate_adaptive(victims, x, y.long(), level_cfg, seed=seed, batch_size=batch_size,
-                                       sanity=bool(cfg.get("sanity", True)))
+                                       sanity=bool(cfg.get("sanity", True)), attacker=attacker)
     out = write_results(matrix, groups, records, cfg.results_dir, intervals=bool(cfg.get("intervals", False)))
     atomic_write_json({"threat": level_meta(level), "config": level_cfg, "sanity": sanity}, Path(out) / "threat.json")
-    flags = [f"- {name}: {flag}" for name, report in sanity.items() for flag in report["flags"]]
+    flags = [f"- {name}: {flag}" for name, report in sanity.items() for flag in report.get("flags", [])]
     if flags:  # a flagged victim is said so under its table, not silently reported
         table = Path(out) / "table.md"
         atomic_write_text(table.read_text() + "\nSanity flags:\n" + "\n".join(flags) + "\n", table)

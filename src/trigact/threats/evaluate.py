@@ -1,4 +1,5 @@
-"""Scoring victims against the attackers that attack them directly (L5 query-only, L6 white box).
+"""Scoring victims against the attackers that attack them directly (L4 leaked weights without tau,
+L5 query-only, L6 white box).
 
 Each victim is attacked on the evaluation images themselves (no bank: the TAEs are the victim's own);
 the cells land in a :class:`~trigact.evaluation.matrix.RobustnessMatrix` under the surrogate name
@@ -6,6 +7,12 @@ the cells land in a :class:`~trigact.evaluation.matrix.RobustnessMatrix` under t
 matrix. Clean accuracy is scored on the images quantized to uint8, as the banks' clean images are;
 the adversarial images are scored as the attack returns them (not quantized: rounding would be a
 small defense of its own). Every output is checked to lie in [0, 1] and inside the eps ball.
+
+L4: the attacker has the raw network ``f`` of each victim and labelled images of its own (``attacker``:
+validation images, carved from the training data). It estimates a trigger ``tau'``
+(:func:`~trigact.threats.estimate.estimate_trigger`, settings under ``estimate:``), then runs each
+attack white-box on ``f(. + tau')`` (``through: estimate``) or on the raw ``f`` (``through: raw``), and
+the TAEs are scored on the true deployed unit ``f_t``. The estimate's quality goes to the report.
 """
 
 from __future__ import annotations
@@ -19,12 +26,15 @@ from torch import nn
 from trigact.common.errors import TrigactError
 from trigact.common.validate import parse_eps
 from trigact.evaluation.matrix import RobustnessMatrix
+from trigact.models.deployed import DeployedModel
 from trigact.threats.adaptive import applicable, build_adaptive
+from trigact.threats.estimate import estimate_quality, estimate_trigger
 from trigact.threats.levels import level_meta
 from trigact.threats.sanity import sanity_flags
 
-ADAPTIVE_LEVELS = ("L5", "L6")
+ADAPTIVE_LEVELS = ("L4", "L5", "L6")
 BLACK_BOX_KINDS = frozenset({"square"})
+THROUGH = ("victim", "estimate", "raw")
 
 
 def check_level_config(level_cfg: Mapping) -> tuple[str, float, dict]:
@@ -32,11 +42,17 @@ def check_level_config(level_cfg: Mapping) -> tuple[str, float, dict]:
     level = level_cfg.get("level")
     level_meta(str(level))  # an unknown level: one line naming the known ones
     if level not in ADAPTIVE_LEVELS:
-        raise TrigactError(f"threat level {level} is a transfer attacker: craft its banks with trigger.attack "
+        raise TrigactError(f"threat level {level} is a transfer attacker: craft its banks with trigact.attack "
                            f"(surrogates=...) and score them with trigact.evaluate; threat= runs {', '.join(ADAPTIVE_LEVELS)}")
-    attacks = dict(level_cfg.get("attacks") or {})
+    attacks = {name: dict(spec) for name, spec in (level_cfg.get("attacks") or {}).items()}
     if not attacks:
         raise TrigactError(f"threat {level}: no attacks (threat.attacks is empty)")
+    for name, spec in attacks.items():
+        through = spec.get("through", "estimate" if level == "L4" else "victim")
+        if through not in (THROUGH[1:] if level == "L4" else THROUGH[:1]):
+            allowed = "estimate, raw" if level == "L4" else "victim (only L4 attacks through an estimate or raw f)"
+            raise TrigactError(f"threat.attacks.{name}.through={through!r}; allowed: {allowed}")
+        spec["through"] = through
     return level, parse_eps(level_cfg.get("eps"), "threat.eps", allow_zero=False), attacks
 
 
@@ -50,11 +66,36 @@ def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
                       for i in range(0, len(x), batch_size)])
 
 
+def _attack_models(level: str, name: str, model: nn.Module, level_cfg: Mapping, attacker, seed: int,
+                   batch_size: int, x, y) -> tuple[dict, dict]:
+    """``through -> model the attack differentiates``, and what the report keeps (L4's estimate)."""
+    if level != "L4":
+        return {"victim": model}, {}
+    if not isinstance(model, DeployedModel):
+        raise TrigactError(f"threat L4 needs victim {name} as a bare deployed unit (its raw network leaks); "
+                           "drop defense= for L4")
+    if attacker is None:
+        raise TrigactError("threat L4 needs the attacker's own labelled images (validation images)")
+    settings = dict(level_cfg.get("estimate") or {})
+    settings.pop("n_images", None)
+    estimate = estimate_trigger(model.net, *attacker, seed=seed, batch_size=batch_size, **settings)
+    tau = model.trigger if model.trigger is not None else torch.zeros_like(estimate.tau)
+    quality = estimate_quality(model.net, tau, estimate.tau, x, y, batch_size)
+    print(f"L4 estimate for {name}: sign agreement {quality['sign_agreement']}, cosine {quality['cosine']:.3f}, "
+          f"f(x + tau') {quality['acc_estimate']:.1%} right (f(x + tau) {quality['acc_true_trigger']:.1%}, "
+          f"f(x) {quality['acc_no_trigger']:.1%})")
+    estimated = DeployedModel(model.net, estimate.tau).eval()
+    return {"estimate": estimated, "raw": model.net}, {"estimate": {**quality, "loss": estimate.loss,
+                                                                    "restart": estimate.restart}}
+
+
 def evaluate_adaptive(victims: Mapping[str, nn.Module], x: torch.Tensor, y: torch.Tensor, level_cfg: Mapping,
-                      seed: int = 0, batch_size: int = 256, sanity: bool = True) -> tuple[RobustnessMatrix, dict]:
-    """Every victim under every attack of the level; ``(matrix, sanity)`` where ``sanity`` maps a victim to
-    :func:`~trigact.threats.sanity.sanity_flags` (the white-box worst case over the gradient attacks
-    against each black-box attack's accuracy)."""
+                      seed: int = 0, batch_size: int = 256, sanity: bool = True,
+                      attacker: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[RobustnessMatrix, dict]:
+    """Every victim under every attack of the level; ``(matrix, report)`` where ``report`` maps a victim to
+    :func:`~trigact.threats.sanity.sanity_flags` (L5, L6: the white-box worst case over the gradient
+    attacks against each black-box attack's accuracy) and, for L4, the trigger estimate's quality.
+    ``attacker``: L4's own labelled images ``(x, y)``."""
     level, eps, attacks = check_level_config(level_cfg)
     meta = level_meta(level)
     surrogate = f"{level} {meta['name']}"
@@ -62,18 +103,20 @@ def evaluate_adaptive(victims: Mapping[str, nn.Module], x: torch.Tensor, y: torc
     for name, model in victims.items():  # build every attack first: a bad setting fails before any work
         for attack, spec in attacks.items():
             if applicable(spec, model):
-                build_adaptive(attack, spec, model, eps)
+                build_adaptive(attack, _own(spec), model, eps)
     matrix, report = RobustnessMatrix(), {}
     for name, model in victims.items():
         model.eval()
         clean = _correct(model, x, y, batch_size)
         matrix.clean[name], matrix.clean_n[name] = clean.float().mean().item(), len(clean)
+        models, report[name] = _attack_models(level, name, model, level_cfg, attacker, seed, batch_size, x, y)
         gradient, blackbox = [], {}
         for attack, spec in attacks.items():
-            if not applicable(spec, model):  # e.g. trigger_flip on a victim without a trigger: "-" in the table
+            attacked = models[spec["through"]]
+            if not applicable(spec, attacked):  # e.g. trigger_flip on a victim without a trigger: "-" in the table
                 continue
             L.seed_everything(seed, verbose=False)
-            fn = build_adaptive(attack, spec, model, eps)
+            fn = build_adaptive(attack, _own(spec), attacked, eps)
             parts = []
             for i in range(0, len(x), batch_size):
                 xb, yb = x[i : i + batch_size], y[i : i + batch_size]
@@ -81,7 +124,8 @@ def evaluate_adaptive(victims: Mapping[str, nn.Module], x: torch.Tensor, y: torc
                 if adv.shape != xb.shape or adv.min() < 0 or adv.max() > 1 or (adv - xb).abs().max() > eps + 1e-6:
                     raise TrigactError(f"threat attack {attack} returned images outside [0, 1] or the eps ball "
                                        f"(max |delta| {(adv - xb).abs().max().item():.5f} > eps {eps:.5f})")
-                parts.append(_correct(model, adv, yb, batch_size))
+                parts.append(_correct(model, adv, yb, batch_size))  # scored on the victim itself
+            model.eval()  # torchattacks restores a wrapper's train mode recursively
             mask = torch.cat(parts)
             acc = mask.float().mean().item()
             matrix.cells.append({"victim": name, "surrogate": surrogate, "attack": attack, "accuracy": acc, "n": len(mask)})
@@ -90,14 +134,19 @@ def evaluate_adaptive(victims: Mapping[str, nn.Module], x: torch.Tensor, y: torc
                 blackbox[attack] = acc
             else:
                 gradient.append(mask)
-        whitebox = None
-        if gradient:
-            robust = gradient[0].clone()
-            for mask in gradient[1:]:
-                robust &= mask
-            whitebox = robust.float().mean().item()
-        if sanity:
-            report[name] = sanity_flags(model, x, y, whitebox_acc=whitebox, weaker_accs=blackbox)
+        if sanity and level != "L4":  # L4 attacks a stand-in, not f_t: its checks are L6's
+            whitebox = None
+            if gradient:
+                robust = gradient[0].clone()
+                for mask in gradient[1:]:
+                    robust &= mask
+                whitebox = robust.float().mean().item()
+            report[name].update(sanity_flags(model, x, y, whitebox_acc=whitebox, weaker_accs=blackbox))
             for flag in report[name]["flags"]:
                 print(f"sanity flag, victim {name}: {flag}")
     return matrix, report
+
+
+def _own(spec: Mapping) -> dict:
+    """An attack's own parameters (``through`` says what it differentiates, not how)."""
+    return {k: v for k, v in spec.items() if k != "through"}
