@@ -540,3 +540,27 @@ def test_vit_tiny_builds_for_our_datasets(in_chans, size):
     with pytest.raises(TrigactError) as err:
         build_model("vit_tiny", num_classes=10, in_chans=1, image_size=18)
     assert "multiple of patch_size" in _one_line(err)
+
+
+def test_fia_matches_upstream_on_a_cnn_and_also_runs_on_vector_and_token_features():
+    """Upstream FIA normalises its aggregate gradient over dims (1, 2, 3): a crash on the MLP's vector
+    features and the ViT's tokens, and its forward hook stays registered. Ours gives upstream's images
+    bit for bit on a CNN (same seed), runs on both, and leaves no hook."""
+    from torchattack.fia import FIA
+
+    x, y = torch.rand(8, 1, 16, 16), torch.randint(0, 10, (8,))
+    cnn = build_model("small_cnn", 10, in_chans=1, image_size=16).eval()
+    _seed()
+    ours = build_attack("fia", cnn, eps=EPS, steps=3)(x, y)
+    _seed()
+    upstream = FIA(cnn, eps=EPS, steps=3, alpha=EPS / 3, decay=1.0, num_ens=30, drop_rate=0.3,
+                   feature_layer_cfg=feature_layer(cnn))(x, y)
+    assert torch.equal(ours, upstream)
+    for name in ("mlp", "vit_tiny"):
+        net = build_model(name, 10, in_chans=1, image_size=16).eval()
+        with pytest.raises((IndexError, RuntimeError)):
+            FIA(net, eps=EPS, steps=1, feature_layer_cfg=feature_layer(net))(x, y)
+        net = build_model(name, 10, in_chans=1, image_size=16).eval()  # upstream left its hook on the last one
+        adv = build_attack("fia", net, eps=EPS, steps=3)(x, y)
+        assert (adv - x).abs().max() <= EPS + 1e-6 and not torch.equal(adv, x)
+        assert not any(m._forward_hooks or m._backward_hooks for m in net.modules())

@@ -88,6 +88,7 @@ from torchattack.danaa import DANAA
 from torchattack.deepfool import DeepFool
 from torchattack.dr import DR
 from torchattack.fda import FDA
+from torchattack.fia import FIA
 from torchattack.gama import GAMA
 from torchattack.generative.leaky_relu_resnet_generator import (
     ResNetGenerator as LeakyResNetGenerator,
@@ -261,6 +262,43 @@ class PortableBFA(BFA):
                 return _input_grad(loss, delta)
 
             return _iterate(self, x, gradient, decay=self.decay)
+
+
+@register_attack("TrigactFIA")
+class PortableFIA(FIA):
+    """FIA: minimise ``sum(A(x') * Delta)``, with ``Delta`` the L2-normalised gradient of the true class's
+    probability at the feature layer summed over ``num_ens`` pixel-dropped copies, by MI-FGSM steps.
+    Upstream normalises ``Delta`` over dims (1, 2, 3), so it crashes on a vector (MLP) or token (ViT)
+    feature layer, and leaves its forward hook registered; here any feature shape works and every hook
+    is removed after the call."""
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with _Hooks() as hooks:
+            store: dict = {}
+
+            def record(g):
+                store["grad"] = g
+                return g
+
+            def capture(module, args, output):
+                store["out"] = output
+                return grad_map(output, record) if store.get("recording") else None
+
+            hooks.forward(self.feature_module, capture)
+            store["recording"], agg = True, None
+            for _ in range(self.num_ens):
+                leaf = self.drop_pixels(x).detach().requires_grad_(True)
+                prob = torch.softmax(self.model(self.normalize(leaf)), 1).gather(1, y.view(-1, 1)).sum()
+                torch.autograd.grad(prob, leaf)
+                agg = store["grad"].detach() if agg is None else agg + store["grad"].detach()
+            store["recording"] = False
+            agg = _unit(agg)
+
+            def loss(d):  # ascent on -sum(A * Delta): the features the true class relies on are suppressed
+                self.model(self.normalize(x + d))
+                return -(store["out"] * agg).sum()
+
+            return _iterate(self, x, lambda d, s: _input_grad(loss, d), decay=self.decay)
 
 
 @register_attack("TrigactDANAA")
