@@ -239,3 +239,45 @@ def test_evaluate_threat_l4_estimates_each_trigger_on_validation_images_and_scor
     cells = {(c["victim"], c["attack"]): c["accuracy"] for c in matrix.cells}
     # On a standard victim the raw network is the victim: white box, so it falls far below clean.
     assert cells[(standard, "pgd50_raw")] < matrix.clean[standard] - 0.3
+
+
+def test_the_pipeline_ladder_writes_one_table_over_levels(shrunk_demo, tmp_path):
+    """pipeline.ladder on the shrunk demo, plus one same-paradigm surrogate run: L0 (a standard
+    surrogate), L1 (an ensemble), L2 (a trigger-activation surrogate, attacked through its own
+    deployed unit) and L6 (white box), each level its own matrix, and ladder.md/csv/png with a Mean and a
+    Worst case row per level and the clamp statistic of each trigger victim."""
+    import csv
+    import shutil
+
+    from conftest import DEMO_OVERRIDES
+    from trigact.cli.pipeline import run_pipeline
+
+    root, _ = shrunk_demo
+    shutil.copytree(root / "outputs" / "runs", tmp_path / "outputs" / "runs")
+    ladder = ("{L0:{surrogates:[surrogate_lenet]},L1:{surrogates:[{ensemble:[surrogate_lenet,surrogate_tiny_resnet]}]},"
+              "L2:{surrogates:[ta_lenet]},L6:{overrides:{eps:16/255,attacks:{pgd50x5:{steps:5,restarts:2},"
+              "apgd_ce:{steps:5},apgd_dlr:{steps:5},square_1000:{n_queries:30}}}}}")
+    overrides = [f"paths.root_dir={tmp_path}", *DEMO_OVERRIDES, "pipeline.attacks=[pgd]", "pipeline.n_eval=40",
+                 "+pipeline.runs.ta_lenet=['method=trigger_activation','model=lenet','trigger=fixed','trigger.eps=32/255','seed=1']",
+                 f"+pipeline.ladder={ladder}"]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="pipeline", overrides=overrides)
+        run_pipeline(cfg)
+        bad = compose(config_name="pipeline", overrides=[*overrides[:-1], "+pipeline.ladder={L2:{surrogates:[fixed_eps32]}}"])
+        with pytest.raises(TrigactError, match="run fixed_eps32 is surrogate fixed_eps32 of ladder level L2: that is a white-box"):
+            run_pipeline(bad)
+    out = tmp_path / "outputs" / "pipeline" / "demo"
+    rows = list(csv.DictReader((out / "ladder.csv").open()))
+    assert {(r["level"], r["row"]) for r in rows} == {("-", "Clean")} | {
+        (lv, row) for lv in ("L0", "L1", "L2", "L6") for row in ("Mean", "Worst case")}
+    for level in ("L0", "L1", "L2", "L6"):
+        assert (out / "ladder" / level / "table.md").is_file()
+    assert "ta_lenet" in (out / "ladder" / "L2" / "matrix.csv").read_text()
+    banks = [json.loads(p.read_text()) for p in (tmp_path / "outputs" / "advbank").rglob("meta.json")]
+    assert {b["threat"]["level"] for b in banks} == {"L0", "L1", "L2"}
+    acc = {(r["level"], r["row"], r["group"]): float(r["accuracy"]) for r in rows}
+    groups = {r["group"] for r in rows}
+    for g in groups:  # the white box is the floor of this ladder
+        assert acc[("L6", "Worst case", g)] <= min(acc[(lv, "Worst case", g)] for lv in ("L0", "L1", "L2"))
+    text = (out / "ladder.md").read_text()
+    assert "clamp active" in text and (out / "ladder.png").stat().st_size > 1000

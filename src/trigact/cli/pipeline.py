@@ -83,6 +83,8 @@ def run_pipeline(cfg: DictConfig) -> list[dict]:
     if cfg.pipeline.get("attacks"):
         matrix, columns = attack_and_evaluate(cfg, train_cfgs, out)
         print(matrix.to_markdown(columns, intervals=bool(cfg.get("intervals", False))))
+        if cfg.pipeline.get("ladder"):
+            print((run_ladder(cfg, train_cfgs, out) / "ladder.md").read_text())
     else:
         atomic_write_text(markdown_table(rows), out / "table.md")
     return rows
@@ -118,14 +120,14 @@ def victim_groups(cfg: DictConfig) -> dict[str, dict]:
     return parsed
 
 
-def surrogate_entries(cfg: DictConfig) -> list[tuple[str, list[str], str | None]]:
+def surrogate_entries(cfg: DictConfig, node=None) -> list[tuple[str, list[str], str | None]]:
     """``pipeline.surrogates`` as ``(table name, member runs, fusion)``: a run name is itself (fusion
     None); ``{ensemble: [runA, runB], fusion: logits|probs}`` is the fused model of those runs, named
     ``ensemble(runA + runB)`` (``probs`` appended for that fusion)."""
     from trigact.models.ensemble import FUSIONS
 
     out = []
-    node = cfg.pipeline.get("surrogates")
+    node = cfg.pipeline.get("surrogates") if node is None else node
     for entry in (OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else list(node or [])):
         if not isinstance(entry, dict):
             out.append((str(entry), [str(entry)], None))
@@ -166,18 +168,9 @@ def check_evaluation_plan(cfg: DictConfig, run_dirs: dict[str, str] | None = Non
         check_split(cfg.pipeline.get("split", "test"))
     except TrigactError as err:  # "n_eval=... must be": named as the key the user set
         raise TrigactError(f"pipeline.{err}") from None
-    if not cfg.pipeline.get("allow_whitebox", False):
-        run_of = (lambda name: str(run_dirs[name])) if run_dirs else (lambda name: name)
-        surrogate_of = {run_of(m): name for name, runs, _ in entries for m in runs}
-        for group, spec in groups.items():
-            for victim in spec["runs"]:
-                if run_of(victim) in surrogate_of:
-                    raise TrigactError(
-                        f"pipeline.victims.{group}: run {victim} is {'' if surrogate_of[run_of(victim)] in members else 'a member of '}"
-                        f"surrogate {surrogate_of[run_of(victim)]}: that "
-                        "is a white-box attack, not a transfer; set pipeline.allow_whitebox=true to evaluate it anyway"
-                    )
+    check_not_whitebox(cfg, entries, groups, run_dirs)
     check_attacks(CONF_DIR, cfg.pipeline.attacks, pipeline_budget(cfg))
+    ladder_levels(cfg, run_dirs)
     if not cfg.pipeline.get("skip_inapplicable", True):
         for name, _, fusion in entries:
             for attack in cfg.pipeline.attacks:
@@ -188,6 +181,62 @@ def check_evaluation_plan(cfg: DictConfig, run_dirs: dict[str, str] | None = Non
     for spec in groups.values():
         defense = spec["defense"] if isinstance(spec["defense"], dict) else defense_config(CONF_DIR, spec["defense"])
         defend(torch.nn.Identity(), defense)  # builds it: bad parameters and missing weights fail here
+
+
+def check_not_whitebox(cfg: DictConfig, entries, groups, run_dirs=None, where: str = "") -> None:
+    """A victim that is a surrogate's run, or a member of an ensemble surrogate, is a white-box attack."""
+    if cfg.pipeline.get("allow_whitebox", False):
+        return
+    members = [m for _, runs, _ in entries for m in runs]
+    run_of = (lambda name: str(run_dirs[name])) if run_dirs else (lambda name: name)
+    surrogate_of = {run_of(m): name for name, runs, _ in entries for m in runs}
+    for group, spec in groups.items():
+        for victim in spec["runs"]:
+            if run_of(victim) in surrogate_of:
+                raise TrigactError(
+                    f"pipeline.victims.{group}: run {victim} is {'' if surrogate_of[run_of(victim)] in members else 'a member of '}"
+                    f"surrogate {surrogate_of[run_of(victim)]}{where}: that "
+                    "is a white-box attack, not a transfer; set pipeline.allow_whitebox=true to evaluate it anyway"
+                )
+
+
+def ladder_levels(cfg: DictConfig, run_dirs=None) -> dict[str, dict]:
+    """``pipeline.ladder``: level -> ``{"surrogates": entries}`` (L0-L3: banks on those surrogates, with
+    ``pipeline.attacks``) or ``{"threat": level config}`` (L4-L6: ``conf/threat/<level>.yaml`` with the
+    entry's ``overrides`` on top); checked in one line per mistake."""
+    from trigact.threats.evaluate import ADAPTIVE_LEVELS, check_level_config
+    from trigact.threats.levels import LEVELS
+
+    node = cfg.pipeline.get("ladder")
+    spec = OmegaConf.to_container(node, resolve=True) if node else {}
+    out = {}
+    for level, entry in spec.items():
+        if level not in LEVELS:
+            raise unknown_name("pipeline.ladder level", level, list(LEVELS))
+        entry = entry or {}
+        unknown = sorted(set(entry) - {"surrogates", "overrides"})
+        if unknown:
+            raise TrigactError(f"pipeline.ladder.{level} has no key {unknown[0]!r}; allowed: surrogates (L0-L3), "
+                               "overrides (L4-L6)")
+        if level in ADAPTIVE_LEVELS:
+            if "surrogates" in entry:
+                raise TrigactError(f"pipeline.ladder.{level} attacks the victim itself: it takes no surrogates")
+            level_cfg = OmegaConf.to_container(OmegaConf.merge(
+                OmegaConf.load(Path(CONF_DIR) / "threat" / f"{level}.yaml"), entry.get("overrides") or {}), resolve=True)
+            check_level_config(level_cfg)
+            out[level] = {"threat": level_cfg}
+        else:
+            if not entry.get("surrogates"):
+                raise TrigactError(f"pipeline.ladder.{level} is a transfer level: give it surrogates (runs or "
+                                   "{ensemble: [...]})")
+            entries = surrogate_entries(cfg, entry["surrogates"])
+            for _, runs, _ in entries:
+                for name in runs:
+                    if name not in cfg.pipeline.runs:
+                        raise unknown_name(f"pipeline run (pipeline.ladder.{level})", name, list(cfg.pipeline.runs))
+            check_not_whitebox(cfg, entries, victim_groups(cfg), run_dirs, where=f" of ladder level {level}")
+            out[level] = {"surrogates": entry["surrogates"], "entries": entries}
+    return out
 
 
 def pipeline_budget(cfg: DictConfig) -> dict:
@@ -202,16 +251,51 @@ def pipeline_budget(cfg: DictConfig) -> dict:
 def attack_and_evaluate(cfg: DictConfig, train_cfgs: dict, out: Path):
     """Stages 2 and 3 for the experiment's surrogates, attacks and victim groups (checked by
     :func:`check_evaluation_plan` before the training stage)."""
-    groups = victim_groups(cfg)
     entries = surrogate_entries(cfg)
-
-    def deployed(name):
-        return load_bundle(Path(train_cfgs[name].paths.run_dir) / BUNDLE_NAME)
-
     first = train_cfgs[entries[0][1][0]]
+    images = evaluation_images(OmegaConf.to_container(first.data, resolve=True), cfg.pipeline.get("n_eval"),
+                               split=cfg.pipeline.get("split", "test"))
+    matrix, columns, records = transfer_matrix(cfg, train_cfgs, entries, images, out)
+    write_results(matrix, columns, records, out, intervals=bool(cfg.get("intervals", False)))
+    if cfg.get("wandb") and cfg.wandb.enabled:
+        wandb_cfg = OmegaConf.merge(cfg, {"wandb": {"group": wandb_group(cfg)}})
+        run = job_run(wandb_cfg, "eval", f"eval-{cfg.pipeline.name}", out)
+        if run is not None:
+            log_tables(run, robustness_tables(matrix, columns, records))
+            run.finish()
+    return matrix, columns
+
+
+def _deployed(train_cfgs, name):
+    return load_bundle(Path(train_cfgs[name].paths.run_dir) / BUNDLE_NAME)
+
+
+def victims_and_records(cfg: DictConfig, train_cfgs: dict):
+    """``(victims, records, columns, runs)``: every victim group's runs behind its defense, as table names."""
+    victims, runs, records, columns = {}, {}, [], {}
+    for group, spec in victim_groups(cfg).items():
+        defense = spec["defense"] if isinstance(spec["defense"], dict) else defense_config(CONF_DIR, spec["defense"])
+        defense_name = defense["name"] if defense else None
+        tag = defense.get("label", defense_name) if defense else None
+        columns[group] = []
+        for run in spec["runs"]:
+            name = run if not defense else f"{run} + {tag}"
+            if name not in victims:
+                model = _deployed(train_cfgs, run)
+                victims[name], runs[name] = defend(model, defense), model.meta.get("path")
+                records.append(victim_record(name, group, model, tag))
+            columns[group].append(name)
+    return victims, records, columns, runs
+
+
+def transfer_matrix(cfg: DictConfig, train_cfgs: dict, entries, images, out: Path):
+    """Banks of ``pipeline.attacks`` on the ``entries`` surrogates (crafted or reused; pairs that cannot
+    run left out and listed in ``skipped.json``), and every victim scored on them: ``(matrix, columns,
+    records)``."""
     n_eval, split = cfg.pipeline.get("n_eval"), cfg.pipeline.get("split", "test")
-    images = evaluation_images(OmegaConf.to_container(first.data, resolve=True), n_eval, split=split)
-    surrogates = {name: deployed(runs[0]) if fusion is None else EnsembleModel([deployed(m) for m in runs], fusion, labels=runs)
+    first = train_cfgs[entries[0][1][0]]
+    surrogates = {name: _deployed(train_cfgs, runs[0]) if fusion is None
+                  else EnsembleModel([_deployed(train_cfgs, m) for m in runs], fusion, labels=runs)
                   for name, runs, fusion in entries}
     skip = {}
     if cfg.pipeline.get("skip_inapplicable", True):  # else crafting refuses such a pair in one line
@@ -231,29 +315,50 @@ def attack_and_evaluate(cfg: DictConfig, train_cfgs: dict, out: Path):
         if run is not None:
             log_tables(run, {"banks": bank_rows(banks)})
             run.finish()
-    victims, runs, records, columns = {}, {}, [], {}
-    for group, spec in groups.items():
-        defense = spec["defense"] if isinstance(spec["defense"], dict) else defense_config(CONF_DIR, spec["defense"])
-        defense_name = defense["name"] if defense else None
-        tag = defense.get("label", defense_name) if defense else None
-        columns[group] = []
-        for run in spec["runs"]:
-            name = run if not defense else f"{run} + {tag}"
-            if name not in victims:
-                model = deployed(run)
-                victims[name], runs[name] = defend(model, defense), model.meta.get("path")
-                records.append(victim_record(name, group, model, tag))
-            columns[group].append(name)
+    victims, records, columns, runs = victims_and_records(cfg, train_cfgs)
     matrix = evaluate_victims(victims, surrogates, banks, allow_whitebox=cfg.pipeline.get("allow_whitebox", False),
-                           victim_runs=runs)
-    write_results(matrix, columns, records, out, intervals=bool(cfg.get("intervals", False)))
-    if cfg.get("wandb") and cfg.wandb.enabled:
-        wandb_cfg = OmegaConf.merge(cfg, {"wandb": {"group": wandb_group(cfg)}})
-        run = job_run(wandb_cfg, "eval", f"eval-{cfg.pipeline.name}", out)
-        if run is not None:
-            log_tables(run, robustness_tables(matrix, columns, records))
-            run.finish()
-    return matrix, columns
+                              victim_runs=runs)
+    return matrix, columns, records
+
+
+def run_ladder(cfg: DictConfig, train_cfgs: dict, out: Path) -> Path:
+    """``pipeline.ladder``: every level's matrix (``ladder/<level>/``) and the ladder (``ladder.md``,
+    ``ladder.csv``, ``ladder.png``) beside the experiment's own table."""
+    from trigact.threats.evaluate import evaluate_adaptive
+    from trigact.threats.ladder import clamp_share, write_ladder
+    from trigact.threats.levels import level_meta
+
+    levels = ladder_levels(cfg)
+    victims, records, columns, _ = victims_and_records(cfg, train_cfgs)
+    first = next(iter(train_cfgs.values()))
+    data = OmegaConf.to_container(first.data, resolve=True)
+    n_eval, split = cfg.pipeline.get("n_eval"), cfg.pipeline.get("split", "test")
+    images = evaluation_images(data, n_eval, split=split)
+    x, y = (torch.stack(t) for t in zip(*(images[i] for i in range(len(images)))))
+    y = y.long()
+    matrices, reports = {}, {}
+    for level, spec in levels.items():
+        print(f"== ladder {level}: {level_meta(level)['name']}")
+        if "entries" in spec:
+            matrix, _, _ = transfer_matrix(cfg, train_cfgs, spec["entries"], images, out / "ladder" / level)
+        else:
+            attacker = None
+            if level == "L4":  # the attacker's own images: validation images, never the test split
+                own = evaluation_images(data, spec["threat"].get("estimate", {}).get("n_images"), split="val")
+                ax, ay = (torch.stack(t) for t in zip(*(own[i] for i in range(len(own)))))
+                attacker = (ax, ay.long())
+            matrix, reports[level] = evaluate_adaptive(victims, x, y, spec["threat"], seed=cfg.seed,
+                                                       attacker=attacker)
+        write_results(matrix, columns, [dict(r) for r in records], out / "ladder" / level,
+                      intervals=bool(cfg.get("intervals", False)))
+        matrices[level] = matrix
+    notes = [f"clamp active (x + tau outside [0, 1]) on {share:.1%} of the pixels of {name}'s inputs"
+             for name, model in victims.items() if (share := clamp_share(model, x)) is not None]
+    flags = [f"{level} {name}: {flag}" for level, report in reports.items() for name, r in report.items()
+             for flag in r.get("flags", [])]
+    atomic_write_json({"levels": {lv: level_meta(lv) for lv in levels}, "reports": reports, "notes": notes},
+                      out / "ladder.json")
+    return write_ladder(matrices, columns, out, notes=notes + [f"sanity: {f}" for f in flags])
 
 
 def search_objective(cfg: DictConfig, results_dir) -> float:
