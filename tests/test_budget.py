@@ -106,3 +106,14 @@ def test_a_budget_sweep_crafts_one_bank_per_eps_and_evaluate_finds_them(shrunk_d
     text = table.read_text()
     assert figure.is_file() and "| 8 |" in text and "| 32 |" in text
     assert f"| 32 | {100 * eq7[('A', 'ifgsm@32/255')]:.2f} |" in text
+
+
+def test_printed_tables_show_labels_as_written_not_as_rich_markup(capsys):
+    from trigact.cli.attack import print_banks
+    from trigact.common.report import print_table
+
+    print_banks([{"surrogate": "[bold]run[/bold]", "attack": "pgd@8/255", "n": 3, "clean acc": 0.5,
+                  "white-box success": 0.1}])
+    print_table([{"name": "[red]run[/red]"}], "title [x]")
+    out = capsys.readouterr().out
+    assert "[bold]run[/bold]" in out and "[red]run[/red]" in out and "title [x]" in out

@@ -55,13 +55,15 @@ def run_attack(cfg: DictConfig) -> list[dict]:
 
 def print_banks(rows: list[dict]) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title="trigact.attack: TAE banks")
     for column in ("surrogate", "attack", "n", "clean acc", "white-box success"):
         table.add_column(column, justify="left" if column in ("surrogate", "attack") else "right")
     for row in rows:
-        table.add_row(row["surrogate"], row["attack"], str(row["n"]), f"{100 * row['clean acc']:.2f}",
+        # Labels are data, not markup: an attack row "pgd@[8/255]" or a run "[a]" must print as written.
+        table.add_row(escape(row["surrogate"]), escape(row["attack"]), str(row["n"]), f"{100 * row['clean acc']:.2f}",
                       f"{100 * row['white-box success']:.2f}")
     Console().print(table)
 

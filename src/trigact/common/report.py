@@ -25,12 +25,13 @@ def markdown_table(rows: list[dict]) -> str:
 
 def print_table(rows: list[dict], title: str) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=title)
+    table = Table(title=escape(title))
     table.add_column("run", no_wrap=True)
     for header, _ in COLUMNS:
         table.add_column(header, justify="right")
     for row in rows:
-        table.add_row(row["name"], *(_pct(row.get(k)) for _, k in COLUMNS))
+        table.add_row(escape(str(row["name"])), *(_pct(row.get(k)) for _, k in COLUMNS))
     Console().print(table)
