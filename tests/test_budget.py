@@ -117,3 +117,20 @@ def test_printed_tables_show_labels_as_written_not_as_rich_markup(capsys):
     print_table([{"name": "[red]run[/red]"}], "title [x]")
     out = capsys.readouterr().out
     assert "[bold]run[/bold]" in out and "[red]run[/red]" in out and "title [x]" in out
+
+
+def test_the_family_table_averages_each_familys_attacks_per_budget_and_ranks_the_strongest():
+    from trigact.analysis.families import family_table
+
+    records = [
+        {"name": "a", "group": "G", "robust_acc": {"pgd@8/255": 0.5, "mifgsm@8/255": 0.3, "fia@8/255": 0.9,
+                                                    "pgd@16/255": 0.1}},
+        {"name": "b", "group": "G", "robust_acc": {"pgd@8/255": 0.7, "mifgsm@8/255": 0.1, "fia@8/255": 0.7,
+                                                    "pgd@16/255": 0.3}},
+        {"name": "c", "group": "H", "robust_acc": {"pgd@8/255": 0.2, "mifgsm@8/255": 0.2, "fia@8/255": 0.0}},
+    ]
+    lines = family_table(records, top=2).splitlines()
+    assert "| gradient | 8/255 | 2 | 40.00 | 20.00 |" in lines  # G: mean(pgd 0.6, mifgsm 0.2); H: 0.2
+    assert "| feature | 8/255 | 1 | 80.00 | 0.00 |" in lines
+    assert "| gradient | 16/255 | 1 | 20.00 | - |" in lines
+    assert "| 8/255 | mifgsm 20.0, pgd 60.0 | fia 0.0, mifgsm 20.0 |" in lines

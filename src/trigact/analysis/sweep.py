@@ -60,7 +60,7 @@ def sweep_points(records: list[dict], x: str = "eps") -> tuple[list[SweepPoint],
     """``(points sorted by trigger size, references)``; references: victims without that trigger
     kind and without any trigger, by name (e.g. the standard model)."""
     if x not in AXES:
-        raise TrigactError(f"unknown sweep axis x={x!r}; known: {', '.join(AXES)}")
+        raise TrigactError(f"unknown sweep axis x={x!r}; known: {', '.join([*AXES, 'attack_eps', 'attack_family'])}")
     points: dict[float, SweepPoint] = {}
     references = {}
     for record in records:

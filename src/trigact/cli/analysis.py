@@ -1,5 +1,7 @@
 """``python -m trigact.analysis results=<folder> x=eps``: accuracy against eps_t (or alpha) from a sweep;
-``x=attack_eps``: robust accuracy against the attack budget from ``attack_protocol=budget_sweep`` results.
+``x=attack_eps``: robust accuracy against the attack budget from ``attack_protocol=budget_sweep`` results;
+``x=attack_family``: robust accuracy per attack family (and budget) and the strongest attacks per column
+(``families.md``, no figure).
 
 ``results`` is a results folder of ``trigact.evaluate`` or ``trigact.pipeline``. Writes
 ``sweep_<x>.png`` and ``sweep_<x>.md`` (``budget.png``, ``budget.md`` for ``x=attack_eps``) beside its table and prints the table.
@@ -22,6 +24,11 @@ from trigact.common.io import atomic_write_text
 def run_analysis(cfg: DictConfig) -> tuple[Path, Path]:
     results = Path(cfg.results)
     out = Path(cfg.out_dir) if cfg.get("out_dir") else results
+    if cfg.x == "attack_family":  # which attack families hurt each column most
+        from trigact.analysis.families import family_table
+
+        table = atomic_write_text(family_table(read_victims(results)), out / "families.md")
+        return table, table
     if cfg.x == "attack_eps":  # a budget sweep: accuracy against the attack's eps, per column
         records = read_victims(results)
         table = atomic_write_text(budget_table(records), out / "budget.md")
