@@ -37,6 +37,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/train_cost.py
 	$(PY) benchmarks/attack_cost.py
 	$(PY) benchmarks/defense_cost.py
+	$(PY) benchmarks/threat_cost.py
 
 clean:
 	rm -rf outputs multirun .pytest_cache build dist src/*.egg-info

@@ -1,0 +1,116 @@
+"""What each adaptive rung of the threat ladder costs, as ratios to PGD-20 measured in one run.
+
+    python benchmarks/threat_cost.py [--model small_cnn] [--image-size 16] [--batch-size 128] [--rounds 3]
+
+Every attack of conf/threat/L4.yaml, L5.yaml and L6.yaml runs on one batch of digits images against a
+model with a fixed trigger (random weights: cost does not depend on them, except where an attack stops
+early on images it has fooled: Square and the PGD restarts; so the model is trained for a few epochs
+first). Reported per attack: seconds per image, the ratio to PGD-20 (the paper's attack) in the same
+round, and the model evaluations (queries) per image, counted by a forward hook. Rounds interleave
+every attack with PGD-20; medians are reported. L4's attacks run here on the deployed model itself
+(through an estimate or the raw network they cost the same: one more addition and clamp per call).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from trigact.attacks import build_attack
+from trigact.common.config import CONF_DIR
+from trigact.data import DigitsDataModule
+from trigact.models.deployed import DeployedModel
+from trigact.threats.adaptive import applicable, build_adaptive
+from trigact.threats.estimate import estimate_trigger
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from _helpers_torch import train_digits_net  # noqa: E402  (the tests' quick digits training)
+
+
+class Counter(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.images = model, 0
+
+    @property
+    def trigger(self):  # trigger_flip reads it off the victim
+        return self.model.trigger
+
+    def forward(self, x):
+        self.images += len(x)
+        return self.model(x)
+
+
+def timed(fn, model, x, y) -> tuple[float, int]:
+    counter = Counter(model).eval()
+    start = time.perf_counter()
+    fn(counter)(x, y)
+    seconds = time.perf_counter() - start
+    model.eval()  # torchattacks restores a wrapper's train mode recursively
+    return seconds, counter.images
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="small_cnn")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--eps", default="16/255")
+    args = parser.parse_args()
+
+    dm = DigitsDataModule(image_size=16, batch_size=128, seed=0)
+    dm.setup()
+    net = train_digits_net(dm, args.model, 4)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    torch.manual_seed(0)
+    model = DeployedModel(net, torch.sign(torch.randn(1, 16, 16)) * 32 / 255).eval()
+    x, y = next(iter(dm.test_dataloader()))
+    x, y = x[: args.batch_size], y[: args.batch_size]
+
+    jobs = {"pgd (L0-L3 banks, PGD-20)": lambda m: build_attack("pgd", m, eps=args.eps, steps=20)}
+    for level in ("L4", "L5", "L6"):
+        cfg = OmegaConf.to_container(OmegaConf.load(Path(CONF_DIR) / "threat" / f"{level}.yaml"), resolve=True)
+        for name, spec in cfg["attacks"].items():
+            own = {k: v for k, v in spec.items() if k != "through"}
+            if applicable(own, model):
+                jobs[f"{level} {name}"] = lambda m, own=own, name=name: build_adaptive(name, own, m, args.eps)
+        if level == "L4":
+            est = cfg["estimate"]
+
+            def estimate(m, est=est):
+                return lambda xb, yb: estimate_trigger(m, xb, yb, bound=est["bound"], steps=est["steps"],
+                                                       restarts=est["restarts"])
+            jobs["L4 trigger estimate (once per victim)"] = estimate
+
+    timed(jobs["pgd (L0-L3 banks, PGD-20)"], model, x, y)  # warm-up: the first call pays one-off costs
+    seconds: dict[str, list[float]] = {k: [] for k in jobs}
+    ratios: dict[str, list[float]] = {k: [] for k in jobs}
+    queries: dict[str, float] = {}
+    for _ in range(args.rounds):
+        torch.manual_seed(0)
+        base, _ = timed(jobs["pgd (L0-L3 banks, PGD-20)"], model, x, y)
+        for name, job in jobs.items():
+            torch.manual_seed(0)
+            s, images = timed(job, model, x, y)
+            seconds[name].append(s / len(x))
+            ratios[name].append(s / base)
+            queries[name] = images / len(x)
+    print(f"\nmodel={args.model} (fixed trigger 32/255) 16x16 digits, batch={args.batch_size}, eps={args.eps}, "
+          f"threads={torch.get_num_threads()}, rounds={args.rounds}\n")
+    print("| attack | ms per image (median) | time / PGD-20 (median, min-max) | model evaluations per image |")
+    print("|---|---:|---:|---:|")
+    for name in jobs:
+        r = ratios[name]
+        print(f"| {name} | {1000 * statistics.median(seconds[name]):.2f} | {statistics.median(r):.1f} "
+              f"({min(r):.1f}-{max(r):.1f}) | {queries[name]:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
