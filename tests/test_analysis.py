@@ -70,6 +70,20 @@ def test_analysis_of_the_demo_pipeline_results(shrunk_demo, tmp_path):
     assert figure.is_file()
 
 
+def test_the_analysis_command_runs_as_a_user_runs_it(shrunk_demo, tmp_path):
+    """``python -m trigact.analysis`` in a fresh process (its launch folder's name needs our resolver)."""
+    import subprocess
+    import sys
+
+    root, _ = shrunk_demo
+    done = subprocess.run([sys.executable, "-m", "trigact.analysis", f"paths.root_dir={tmp_path}",
+                           f"results={root}/outputs/pipeline/demo", f"out_dir={tmp_path}", "x=attack_family"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    table = (tmp_path / "families.md").read_text()
+    assert table.startswith("| family | eps | attacks |") and "| gradient | - | 2 |" in table
+
+
 def test_a_required_value_left_unset_is_a_one_line_cli_error(capsys):
     # `results: ???` in conf/analysis.yaml: OmegaConf's MissingMandatoryValue, not a traceback.
     from hydra import compose, initialize_config_dir

@@ -14,6 +14,7 @@ import statistics
 from trigact.attacks import attack_spec
 from trigact.attacks.config import split_label
 from trigact.common.errors import TrigactError
+from trigact.common.validate import parse_eps
 
 
 def _by_column(records: list[dict]) -> dict[str, dict[str, list[float]]]:
@@ -21,9 +22,10 @@ def _by_column(records: list[dict]) -> dict[str, dict[str, list[float]]]:
     out: dict[str, dict[str, list[float]]] = {}
     for record in records:
         column = out.setdefault(record.get("group") or record["name"], {})
-        for label, acc in (record.get("robust_acc") or {}).items():
-            if acc is not None:
-                column.setdefault(label, []).append(acc)
+        accs = record.get("robust_acc") or {}
+        for label in record.get("attacks") or list(accs):  # the table's row order (JSON sorts keys)
+            if accs.get(label) is not None:
+                column.setdefault(label, []).append(accs[label])
     return out
 
 
@@ -38,7 +40,8 @@ def family_table(records: list[dict], top: int = 3) -> str:
     for label in labels:
         name, eps = split_label(label)
         family_of[label], eps_of[label] = attack_spec(name).family, eps or "-"
-    budgets = list(dict.fromkeys(eps_of[label] for label in labels))
+    budgets = sorted(dict.fromkeys(eps_of[label] for label in labels),
+                     key=lambda e: parse_eps(e) if e != "-" else -1.0)
     families = list(dict.fromkeys(family_of[label] for label in labels))
     names = list(columns)
     lines = ["| family | eps | attacks | " + " | ".join(names) + " |", "|---|---|---:|" + "---:|" * len(names)]

@@ -19,6 +19,9 @@ from trigact.analysis.sweep import plot_sweep, read_victims, sweep_points, sweep
 from trigact.cli import quiet_libraries, user_errors
 from trigact.common.config import CONF_DIR
 from trigact.common.io import atomic_write_text
+from trigact.runs import register_resolvers
+
+register_resolvers()  # ${trigact_launch:...} in the launch folder's name
 
 
 def run_analysis(cfg: DictConfig) -> tuple[Path, Path]:
