@@ -256,3 +256,20 @@ def test_model_configs_match_the_registry():
     assert sorted(configs) == list_models()
     for stem, config in configs.items():
         assert config == {"name": stem, "kwargs": {}}
+
+
+def test_a_deployed_unit_takes_resized_inputs_with_its_trigger_resampled():
+    """DI-FGSM and friends resize the input of a trigger-activation surrogate (L2): the trigger follows
+    the input's size (nearest: +-eps_t stay +-eps_t); at the trained size the unit is unchanged."""
+    from trigact.models.deployed import DeployedModel
+
+    torch.manual_seed(0)
+    net = build_model("small_cnn", 10, in_chans=1, image_size=16).eval()
+    tau = torch.sign(torch.randn(1, 16, 16)) * 32 / 255
+    unit = DeployedModel(net, tau).eval()
+    x = torch.rand(2, 1, 16, 16)
+    assert torch.equal(unit(x), net((x + tau).clamp(0, 1)))
+    big = torch.rand(2, 1, 19, 19)
+    resized = torch.nn.functional.interpolate(tau.unsqueeze(0), size=(19, 19), mode="nearest")
+    assert torch.equal(unit(big), net((big + resized).clamp(0, 1)))
+    assert set(resized.unique().tolist()) == set(tau.unique().tolist())

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -26,7 +27,13 @@ class DeployedModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._tau is not None:
-            x = (x + self._tau).clamp(0.0, 1.0)
+            tau = self._tau
+            if tau.shape[-2:] != x.shape[-2:]:
+                # A resized input (an attack's input diversity: DI-FGSM, L2T, ... on a trigger-activation
+                # surrogate) gets the trigger resampled to its size, nearest-neighbour so that a fixed
+                # trigger keeps its +-eps_t values; at the trained size nothing changes.
+                tau = F.interpolate(tau.unsqueeze(0) if tau.ndim == 3 else tau, size=x.shape[-2:], mode="nearest")
+            x = (x + tau).clamp(0.0, 1.0)
         return self.net(x)
 
 
