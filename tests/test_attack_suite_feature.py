@@ -564,3 +564,16 @@ def test_fia_matches_upstream_on_a_cnn_and_also_runs_on_vector_and_token_feature
         adv = build_attack("fia", net, eps=EPS, steps=3)(x, y)
         assert (adv - x).abs().max() <= EPS + 1e-6 and not torch.equal(adv, x)
         assert not any(m._forward_hooks or m._backward_hooks for m in net.modules())
+
+
+def test_naa_runs_on_a_surrogate_whose_caller_froze_its_weights():
+    """NAA backpropagates its attribution loss into the weights' graph (needs_param_grads): with the
+    weights frozen by the caller (as benchmarks/attack_cost.py does) it crashed; the weights' flags
+    and gradients come back as they were."""
+    net = build_model("small_cnn", 10, in_chans=1, image_size=16).eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    x, y = torch.rand(4, 1, 16, 16), torch.randint(0, 10, (4,))
+    adv = build_attack("naa", net, eps=EPS, steps=2)(x, y)
+    assert (adv - x).abs().max() <= EPS + 1e-6
+    assert not any(p.requires_grad or p.grad is not None for p in net.parameters())

@@ -242,10 +242,11 @@ class TransferAttack:
         saved_grads = [None if p.grad is None else p.grad.detach().clone() for p in params]
         try:
             self.model.eval()
-            if not self.spec.needs_param_grads:
-                # Only input gradients are needed: skipping weight gradients roughly halves backward cost.
-                for p in params:
-                    p.requires_grad_(False)
+            # Only input gradients are needed: skipping weight gradients roughly halves backward cost. An
+            # attack that backpropagates from a loss with no input in its graph (NAA's attribution pass)
+            # needs the weights to require grad, even on a surrogate its caller froze.
+            for p in params:
+                p.requires_grad_(self.spec.needs_param_grads)
             with torch.enable_grad():
                 x_adv = self.impl(x, y).detach()
         finally:
