@@ -4,6 +4,7 @@ import inspect
 from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import get_class
@@ -90,11 +91,12 @@ def test_only_settings_that_change_the_model_are_hashed(tmp_path):
     assert name(tmp_path, "trainer.limit_train_batches=1") != name(tmp_path, "trainer.limit_train_batches=1.0")
 
 
-def test_eval_batch_size_counts_only_for_a_train_mode_trigger_pass(tmp_path):
+@pytest.mark.parametrize("kind", ["learnable", "sparse_learnable"])
+def test_eval_batch_size_counts_only_for_a_train_mode_trigger_pass(tmp_path, kind):
     """The epoch pass of Algorithm 2 in train mode uses batch statistics over data.eval_batch_size
     images, so there the size changes the trigger; in eval mode (the default) it changes nothing."""
     def name(tmp_path, *extra):
-        return run_name(compose_config("train", ["data=digits", "model=small_cnn", "trigger=learnable", *extra], tmp_path))
+        return run_name(compose_config("train", ["data=digits", "model=small_cnn", f"trigger={kind}", *extra], tmp_path))
 
     learnable = []
     for mode in ("eval", "train"):
@@ -158,3 +160,11 @@ def test_the_world_size_is_the_one_lightning_trains_with():
                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
         spec = {"accelerator": accelerator, "devices": devices, "num_nodes": num_nodes}
         assert world_size(spec) == trainer.world_size, spec
+
+
+def test_a_sparse_trigger_names_its_k_eps_and_alpha_in_the_folder(tmp_path):
+    cfg = compose_config("train", ["data=digits", "model=small_cnn", "trigger=sparse_learnable",
+                                   "trigger.k=13", "trigger.eps=64/255", "trigger.alpha=16/255"], tmp_path)
+    assert "sparse-learnable-k13-eps64-alpha16" in run_name(cfg)
+    cfg = compose_config("train", ["data=digits", "model=small_cnn", "trigger=sparse", "trigger.k=0.2"], tmp_path)
+    assert "sparse-k0.2-eps64" in run_name(cfg) and "alpha" not in run_name(cfg)

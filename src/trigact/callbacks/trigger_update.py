@@ -75,7 +75,7 @@ class TriggerUpdateCallback(L.Callback):
         trigger = getattr(pl_module, "trigger", None)
         if trigger is None or trigger.step_size is None:
             kind = None if trigger is None else trigger.kind
-            raise TrigactError(f"the trigger update needs trigger=learnable, got trigger={kind!r}")
+            raise TrigactError(f"the trigger update needs a learnable trigger (trigger=learnable or trigger=sparse_learnable), got trigger={kind!r}")
         if stage == "fit" and (trainer.max_epochs is None or trainer.max_epochs < 1):
             raise TrigactError("the trigger update needs trainer.max_epochs (T in 'the first 60% of T epochs')")
 

@@ -42,6 +42,10 @@ def trigger_tag(trigger_cfg) -> str:
         return f"fixed-eps{in_255ths(trigger_cfg.get('eps'))}"
     if kind == "learnable":
         return f"learnable-alpha{in_255ths(trigger_cfg.get('alpha'))}"
+    if kind in ("sparse", "sparse_learnable"):
+        k = re.sub(r"[^A-Za-z0-9.+-]", "_", str(trigger_cfg.get("k")))
+        tag = f"{kind.replace('_', '-')}-k{k}-eps{in_255ths(trigger_cfg.get('eps'))}"
+        return tag + (f"-alpha{in_255ths(trigger_cfg.get('alpha'))}" if kind == "sparse_learnable" else "")
     return str(kind)
 
 
@@ -171,7 +175,7 @@ def _data_key(data: dict, cfg) -> dict:
     # statistics, and its batches are data.eval_batch_size images: only then does that size change
     # the trigger, and so the model.
     update = OmegaConf.select(cfg, "trigger.update") if OmegaConf.is_config(cfg) else None
-    if (cfg.get("trigger") or {}).get("kind") == "learnable" and update is not None \
+    if (cfg.get("trigger") or {}).get("kind") in ("learnable", "sparse_learnable") and update is not None \
             and update.get("source", "epoch") == "epoch" and update.get("mode", "eval") == "train":
         key["eval_batch_size"] = data.get("eval_batch_size") or data.get("batch_size")
     return key

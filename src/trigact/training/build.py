@@ -31,7 +31,8 @@ def build_run(cfg: DictConfig, datamodule):
     )
     shape = (datamodule.in_chans, datamodule.image_size, datamodule.image_size)
     trig = cfg.trigger
-    trigger = build_trigger(trig.kind, shape, eps=trig.get("eps"), alpha=trig.get("alpha"), seed=trig.get("seed", cfg.seed))
+    trigger = build_trigger(trig.kind, shape, eps=trig.get("eps"), alpha=trig.get("alpha"), seed=trig.get("seed", cfg.seed),
+                            k=trig.get("k"))
     module = instantiate(
         cfg.method.module,
         net=net,
