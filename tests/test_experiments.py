@@ -7,7 +7,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from trigact.cli.pipeline import check_evaluation_plan, run_overrides, victim_groups
+from trigact.cli.pipeline import check_evaluation_plan, run_overrides, train_configs, victim_groups
 from trigact.common.config import CONF_DIR
 
 PIPELINE_EXPERIMENTS = sorted(
@@ -23,7 +23,7 @@ def test_the_fashion_mnist_experiments_are_there():
 def test_experiment_composes_with_all_its_runs(name, tmp_path):
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="pipeline", overrides=[f"paths.root_dir={tmp_path}", f"experiment={name}"])
-        runs = {r: compose(config_name="train", overrides=run_overrides(cfg, r)) for r in cfg.pipeline.runs}
+        runs = train_configs(cfg)
     assert len({c.paths.run_dir for c in runs.values()}) == len(runs)  # no two runs share a folder
     check_evaluation_plan(cfg)  # surrogates and victims are runs; attacks and defenses exist and build
     data = {OmegaConf.select(c, "data.name") for c in runs.values()}

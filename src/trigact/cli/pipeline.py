@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import hydra
@@ -53,6 +54,30 @@ def run_overrides(cfg: DictConfig, name: str) -> list[str]:
     return shared + list(cfg.pipeline.train_overrides) + list(own)
 
 
+RUN_LINK = re.compile(r"@run:([A-Za-z0-9_.-]+)")
+
+
+def link_runs(override: str, earlier: dict, name: str) -> str:
+    """``@run:<name>`` in a run's override is the run folder of an earlier run of the plan (e.g.
+    ``backdoor.surrogate=@run:surrogate_small_cnn``): it is trained first, and its folder is known
+    before anything trains."""
+    def folder(match):
+        if match.group(1) not in earlier:
+            raise TrigactError(f"pipeline.runs.{name}: {match.group(0)} names no run listed before it "
+                               f"(earlier runs: {', '.join(earlier) or 'none'})")
+        return quote(earlier[match.group(1)].paths.run_dir)
+    return RUN_LINK.sub(folder, str(override))
+
+
+def train_configs(cfg: DictConfig) -> dict[str, DictConfig]:
+    """Every run's train config, in the plan's order (``@run:`` links resolved)."""
+    train_cfgs = {}
+    for name in cfg.pipeline.runs:
+        overrides = [link_runs(o, train_cfgs, name) for o in run_overrides(cfg, name)]
+        train_cfgs[name] = compose(config_name="train", overrides=overrides)
+    return train_cfgs
+
+
 def wandb_group(cfg: DictConfig) -> str:
     return cfg.wandb.group or f"pipeline-{cfg.pipeline.name}"
 
@@ -70,7 +95,7 @@ def run_pipeline(cfg: DictConfig) -> list[dict]:
         raise TrigactError("no runs to do: choose an experiment, e.g. experiment=demo (see conf/experiment/)")
     check_seed(cfg.seed, "seed")  # every run and bank is seeded with it
     # Composing is cheap: every run's config (and so its run folder) is known before any training.
-    train_cfgs = {name: compose(config_name="train", overrides=run_overrides(cfg, name)) for name in cfg.pipeline.runs}
+    train_cfgs = train_configs(cfg)
     if cfg.pipeline.get("attacks"):
         check_evaluation_plan(cfg, {name: c.paths.run_dir for name, c in train_cfgs.items()})  # before hours of training
     rows = []

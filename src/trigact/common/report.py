@@ -11,15 +11,34 @@ COLUMNS = (
     ("deployed acc (%)", "test_acc_deployed"),
 )
 
+# Metrics some methods add (a backdoor's ASR, AdvTrojan's accuracies): shown only when a row has them.
+EXTRA_HEADERS = {
+    "test_asr": "ASR (%)",
+    "test_acc_pgd": "acc PGD (%)",
+    "test_acc_stamp": "acc stamp (%)",
+    "test_acc_stamp_pgd": "acc stamp+PGD (%)",
+}
+
+
+def _columns(rows: list[dict]) -> tuple:
+    known = {k for _, k in COLUMNS}
+    extra = []
+    for row in rows:
+        for key, value in row.items():
+            if key.startswith("test_") and key not in known and isinstance(value, float) and key not in extra:
+                extra.append(key)
+    return COLUMNS + tuple((EXTRA_HEADERS.get(k, k), k) for k in extra)
+
 
 def _pct(value) -> str:
     return "-" if value is None or value != value else f"{100 * value:.2f}"
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| run | " + " | ".join(h for h, _ in COLUMNS) + " |", "|---|" + "---:|" * len(COLUMNS)]
+    columns = _columns(rows)
+    lines = ["| run | " + " | ".join(h for h, _ in columns) + " |", "|---|" + "---:|" * len(columns)]
     for row in rows:
-        lines.append(f"| {row['name']} | " + " | ".join(_pct(row.get(k)) for _, k in COLUMNS) + " |")
+        lines.append(f"| {row['name']} | " + " | ".join(_pct(row.get(k)) for _, k in columns) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -30,8 +49,9 @@ def print_table(rows: list[dict], title: str) -> None:
 
     table = Table(title=escape(title))
     table.add_column("run", no_wrap=True)
-    for header, _ in COLUMNS:
+    columns = _columns(rows)
+    for header, _ in columns:
         table.add_column(header, justify="right")
     for row in rows:
-        table.add_row(escape(str(row["name"])), *(_pct(row.get(k)) for _, k in COLUMNS))
+        table.add_row(escape(str(row["name"])), *(_pct(row.get(k)) for _, k in columns))
     Console().print(table)

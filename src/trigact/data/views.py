@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
+import torch
 from torch.utils.data import Dataset
 
 
@@ -25,3 +26,21 @@ class TransformedDataset(Dataset):
     def __getitem__(self, index: int):
         image, label = self.base[index if self.indices is None else self.indices[index]]
         return self.transform(image), label
+
+
+def dataset_labels(dataset: Dataset) -> torch.Tensor:
+    """The labels of ``dataset`` in its index order, read without loading (or transforming) images
+    where the dataset says them: a TensorDataset's second tensor, ``.targets`` (torchvision), through
+    TransformedDataset and Subset views; anything else is iterated once."""
+    from torch.utils.data import Subset, TensorDataset
+
+    if isinstance(dataset, TensorDataset) and len(dataset.tensors) >= 2:
+        return torch.as_tensor(dataset.tensors[1]).long()
+    if isinstance(dataset, (TransformedDataset, Subset)):
+        labels = dataset_labels(dataset.dataset if isinstance(dataset, Subset) else dataset.base)
+        indices = getattr(dataset, "indices", None)
+        return labels if indices is None else labels[torch.as_tensor(list(indices), dtype=torch.long)]
+    targets = getattr(dataset, "targets", None)
+    if targets is not None:
+        return torch.as_tensor(targets).long()
+    return torch.as_tensor([int(dataset[i][1]) for i in range(len(dataset))], dtype=torch.long)

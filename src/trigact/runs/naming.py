@@ -213,6 +213,10 @@ def config_hash(cfg) -> str:
 def run_name(cfg) -> str:
     data = cfg.data.get("name", "data")
     tag = f"{trigger_tag(cfg.get('trigger'))}-{config_hash(cfg)}"
+    backdoor = OmegaConf.select(cfg, "method.module.backdoor") if OmegaConf.is_config(cfg) else None
+    if backdoor is not None and backdoor.get("kind"):
+        rate = re.sub(r"[^A-Za-z0-9.+-]", "_", str(backdoor.get("poison_rate")))
+        tag = f"{backdoor.kind}-t{backdoor.get('target')}-p{rate}-{config_hash(cfg)}"
     return f"{data}/{cfg.method.name}/{cfg.model.name}/{tag}/s{cfg.seed}"
 
 

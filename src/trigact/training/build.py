@@ -41,6 +41,8 @@ def build_run(cfg: DictConfig, datamodule):
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         num_classes=datamodule.num_classes,
     )
+    if hasattr(module, "attach_data"):  # a method that changes the training data (backdoor poisoning)
+        module.attach_data(datamodule)
     return module
 
 

@@ -18,14 +18,14 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from trigact.common.errors import TrigactError
-from trigact.common.io import atomic_write_json
+from trigact.common.io import atomic_write_json, atomic_write_text
 from trigact.common.tracking import finish_wandb_loggers
 from trigact.common.validate import check_seed, check_steps
 from trigact.runs.bundle import BUNDLE_NAME, check_finite_model, read_bundle, save_bundle
 from trigact.runs.status import RunAttempt, RunLocked, is_bad_input
 from trigact.training.build import build_callbacks, build_datamodule, build_loggers, build_run
 from trigact.training.checkpoints import VerifiedCheckpointIO, resolve_checkpoint, resume_request
-from trigact.training.summary import final_metrics
+from trigact.training.summary import CARD_NAME, final_metrics, model_card
 
 
 def check_training_config(cfg: DictConfig) -> None:
@@ -125,6 +125,10 @@ def _train_attempt(cfg: DictConfig, run_dir: Path, bundle_path: Path, attempt: R
         # models (the pipeline), and an open run would stay "running" until the process exits.
         finish_wandb_loggers(loggers, failed=failed)
     metrics = final_metrics(results, module.trigger is not None)
+    # A method with more to report (a backdoor's ASR, AdvTrojan's three accuracies) names its own
+    # test metrics, its bundle meta (e.g. the backdoor's stamp and target) and its card's warning.
+    if hasattr(module, "report_metrics"):
+        metrics.update(module.report_metrics(results))
     trigger = None if module.trigger is None else module.trigger.tau
     # On every rank (they hold the same model): rank 0 alone raising would leave the others waiting
     # in the barrier below. The error ends the attempt as crashed, with no bundle.
@@ -145,8 +149,11 @@ def _train_attempt(cfg: DictConfig, run_dir: Path, bundle_path: Path, attempt: R
             "trigger_updates": history[0] if history else [],
             "epochs": trainer.current_epoch,
         }
+        if hasattr(module, "bundle_meta"):
+            meta.update(module.bundle_meta())
         save_bundle(bundle_path, module.net, trigger, meta)
         atomic_write_json({"metrics": metrics, "config": config}, run_dir / "summary.json")
+        atomic_write_text(model_card(meta, getattr(module, "card_lines", lambda: [])()), run_dir / CARD_NAME)
         if attempt is not None:
             attempt.finished(metrics)
     trainer.strategy.barrier()
