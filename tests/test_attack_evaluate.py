@@ -104,6 +104,12 @@ def test_run_labels_say_model_and_trigger():
     assert run_label(meta) == "small_cnn fixed eps 8/255 s3"
     meta = {"config": {"model": {"name": "lenet"}, "trigger": {"kind": "none"}, "seed": 0}, "method": "pgd_at"}
     assert run_label(meta) == "lenet pgd_at s0"
+    meta = {"config": {"model": {"name": "small_cnn"}, "trigger": {"kind": "sparse_learnable", "k": 0.05, "eps": "64/255",
+                                                                   "alpha": "16/255"}, "seed": 0}}
+    assert run_label(meta) == "small_cnn sparse learnable k 0.05 eps 64/255 alpha 16/255 s0"
+    meta = {"config": {"model": {"name": "small_cnn"}, "trigger": {"kind": "none"}, "seed": 0,
+                       "method": {"module": {"backdoor": {"kind": "siba", "target": 3}}}}, "method": "backdoor"}
+    assert run_label(meta) == "small_cnn backdoor siba t3 s0"
 
 
 def test_a_sweep_folder_selects_its_jobs_runs_and_names_a_crashed_job(shrunk_demo, tmp_path):

@@ -136,6 +136,12 @@ def run_label(meta: dict) -> str:
         parts.append(f"fixed eps {in_255ths(trigger.get('eps'))}/255")
     elif kind == "learnable":
         parts.append(f"learnable alpha {in_255ths(trigger.get('alpha'))}/255")
+    elif kind in ("sparse", "sparse_learnable"):
+        learn = f" alpha {in_255ths(trigger.get('alpha'))}/255" if kind == "sparse_learnable" else ""
+        parts.append(f"{kind.replace('_', ' ')} k {trigger.get('k')} eps {in_255ths(trigger.get('eps'))}/255{learn}")
+    elif method == "backdoor":
+        backdoor = ((config.get("method") or {}).get("module") or {}).get("backdoor") or {}
+        parts.append(f"backdoor {backdoor.get('kind', '')} t{backdoor.get('target', '')}")
     elif method and method != "standard":
         parts.append(method)
     else:
