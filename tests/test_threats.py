@@ -210,6 +210,31 @@ def test_l4_the_defenders_objective_recovers_a_trigger_that_activates_f(shrunk_d
     assert abs(random["sign_agreement"] - 0.5) < 0.1  # a random sign pattern: chance agreement
 
 
+def test_l4_a_neural_cleanse_style_estimate_activates_f(shrunk_demo):
+    """The second L4 estimator: a mask and pattern that send each of 128 validation images to its own
+    label (NC's inversion with targets = y), on the demo's fixed-trigger run; scored on test images.
+    Measured: f(stamp(x)) 73.6% right against 70.8% for f(x + tau) and 40.3% for f(x), with a mask of
+    L1 104 (of 256 pixels) whose mean perturbation has cosine 0.17 with tau: like the defender's-objective
+    estimate, a trigger unlike tau that activates f as well. The bound leaves room for other builds."""
+    from trigact.evaluation.crafting import evaluation_images
+    from trigact.runs.bundle import BUNDLE_NAME, load_bundle
+    from trigact.threats.estimate import estimate_stamp, stamp_quality
+
+    root, _ = shrunk_demo
+    (run,) = (root / "outputs" / "runs").glob(FIXED_RUN)
+    model = load_bundle(run / BUNDLE_NAME).eval()
+
+    def tensors(split, n):
+        images = evaluation_images(model.meta["config"]["data"], n, split=split)
+        x, y = (torch.stack(t) for t in zip(*(images[i] for i in range(len(images)))))
+        return x, y.long()
+
+    stamp, success = estimate_stamp(model.net, *tensors("val", 128), steps=30, batch_size=64)
+    quality = stamp_quality(model.net, model.trigger, stamp, *tensors("test", 360))
+    assert stamp.mask.shape == (1, *model.trigger.shape[1:]) and 0 <= float(stamp.mask.min()) <= float(stamp.mask.max()) <= 1
+    assert quality["acc_estimate"] > quality["acc_no_trigger"] + 0.2
+
+
 def test_evaluate_threat_l4_estimates_each_trigger_on_validation_images_and_scores_on_f_t(shrunk_demo, tmp_path):
     import shutil
 
@@ -220,10 +245,11 @@ def test_evaluate_threat_l4_estimates_each_trigger_on_validation_images_and_scor
     base = [f"paths.root_dir={tmp_path}", "threat=L4", "n_eval=40", "threat.eps=16/255",
             "victims=[digits/standard/small_cnn/*/s0," + FIXED_RUN + "]", "threat.estimate.n_images=64",
             "threat.estimate.steps=5", "threat.estimate.restarts=1", "threat.attacks.pgd50_estimate.steps=5",
-            "threat.attacks.apgd_ce_estimate.steps=5", "threat.attacks.pgd50_raw.steps=5"]
+            "threat.attacks.apgd_ce_estimate.steps=5", "threat.attacks.pgd50_raw.steps=5",
+            "threat.attacks.pgd50_nc.steps=5", "threat.neural_cleanse.steps=10"]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         matrix, groups, out = run_evaluate(compose(config_name="evaluate", overrides=[*base, "name=l4"]))
-        with pytest.raises(TrigactError, match=r"through='victim'; allowed: estimate, raw"):
+        with pytest.raises(TrigactError, match=r"through='victim'; allowed: estimate, neural_cleanse, raw"):
             run_evaluate(compose(config_name="evaluate", overrides=[*base, "name=bad",
                                                                     "threat.attacks.pgd50_raw.through=victim"]))
         with pytest.raises(TrigactError, match="validation split; evaluate on split=test"):
@@ -235,7 +261,10 @@ def test_evaluate_threat_l4_estimates_each_trigger_on_validation_images_and_scor
     assert 0 <= estimate["sign_agreement"] <= 1 and estimate["acc_estimate"] > estimate["acc_no_trigger"]
     assert report["sanity"][standard]["estimate"]["sign_agreement"] is None  # no trigger to agree with
     assert {(c["victim"], c["attack"]) for c in matrix.cells} == {
-        (v, a) for v in (standard, fixed) for a in ("pgd50_estimate", "apgd_ce_estimate", "pgd50_raw")}
+        (v, a) for v in (standard, fixed) for a in ("pgd50_estimate", "apgd_ce_estimate", "pgd50_nc", "pgd50_raw")}
+    nc = report["sanity"][fixed]["neural_cleanse"]
+    assert nc["mask_l1"] > 0 and -1 <= nc["cosine"] <= 1 and 0 <= nc["acc_estimate"] <= 1
+    assert report["sanity"][standard]["neural_cleanse"]["cosine"] is None
     cells = {(c["victim"], c["attack"]): c["accuracy"] for c in matrix.cells}
     # On a standard victim the raw network is the victim: white box, so it falls far below clean.
     assert cells[(standard, "pgd50_raw")] < matrix.clean[standard] - 0.3

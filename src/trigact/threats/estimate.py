@@ -88,3 +88,53 @@ def estimate_quality(net: nn.Module, tau: torch.Tensor, estimate: torch.Tensor, 
         "acc_true_trigger": acc(tau),
         "acc_no_trigger": acc(torch.zeros_like(tau)),
     }
+
+
+# ---------------------------------------------------------------- Neural Cleanse-style estimate
+
+
+class StampedNet(nn.Module):
+    """``f(stamp(x))``: the raw network behind a reversed mask-and-pattern trigger, the L4 attacker's
+    stand-in for ``f_t`` when it estimates the trigger as Neural Cleanse would."""
+
+    def __init__(self, net: nn.Module, stamp: nn.Module):
+        super().__init__()
+        self.net = net
+        self.stamp = stamp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.stamp(x))
+
+
+def estimate_stamp(net: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int = 0, **settings):
+    """A Neural Cleanse-style estimate of the trigger: the mask and pattern (replace mode) that send
+    each of the attacker's images to its own label, with NC's L1 penalty on the mask
+    (:func:`trigact.detectors.invert_mask_pattern` with ``targets=y``). Returns the stamp and the share
+    of ``x`` it sends to ``y``."""
+    from trigact.backdoors import Stamp
+    from trigact.detectors import invert_mask_pattern
+
+    mask, pattern, success = invert_mask_pattern(net, x, y, seed=seed, **settings)
+    return Stamp(mask, pattern, "replace"), success
+
+
+@torch.no_grad()
+def stamp_quality(net: nn.Module, tau: torch.Tensor, stamp: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                  batch_size: int = 256) -> dict:
+    """How good a stamp estimate is: the cosine between its mean perturbation ``mean(x' - x)`` and tau,
+    the mask's L1 norm, and the accuracy of ``f(stamp(x))`` next to ``f(clamp(x + tau))`` and ``f(x)``."""
+    tau = tau.to(x)
+    stamp = stamp.to(x.device)
+
+    def acc(view):
+        right = sum(int((net(view(xb)).argmax(1) == yb).sum()) for xb, yb in _batches(x, y, batch_size))
+        return right / len(x)
+
+    delta = torch.cat([stamp(xb) - xb for xb, _ in _batches(x, y, batch_size)]).mean(0)
+    return {
+        "cosine": F.cosine_similarity(delta.flatten(), tau.flatten(), dim=0).item() if bool(tau.any()) else None,
+        "mask_l1": float(stamp.mask.sum()),
+        "acc_estimate": acc(stamp),
+        "acc_true_trigger": acc(lambda xb: (xb + tau).clamp(0, 1)),
+        "acc_no_trigger": acc(lambda xb: xb),
+    }

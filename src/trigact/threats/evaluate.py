@@ -11,7 +11,9 @@ small defense of its own). Every output is checked to lie in [0, 1] and inside t
 L4: the attacker has the raw network ``f`` of each victim and labelled images of its own (``attacker``:
 validation images, carved from the training data). It estimates a trigger ``tau'``
 (:func:`~trigact.threats.estimate.estimate_trigger`, settings under ``estimate:``), then runs each
-attack white-box on ``f(. + tau')`` (``through: estimate``) or on the raw ``f`` (``through: raw``), and
+attack white-box on ``f(. + tau')`` (``through: estimate``), on ``f(stamp(x))`` with a Neural Cleanse-style
+mask-and-pattern estimate (``through: neural_cleanse``, settings under ``neural_cleanse:``;
+:func:`~trigact.threats.estimate.estimate_stamp`) or on the raw ``f`` (``through: raw``), and
 the TAEs are scored on the true deployed unit ``f_t``. The estimate's quality goes to the report.
 """
 
@@ -28,13 +30,13 @@ from trigact.common.validate import parse_eps
 from trigact.evaluation.matrix import RobustnessMatrix
 from trigact.models.deployed import DeployedModel
 from trigact.threats.adaptive import applicable, build_adaptive
-from trigact.threats.estimate import estimate_quality, estimate_trigger
+from trigact.threats.estimate import StampedNet, estimate_quality, estimate_stamp, estimate_trigger, stamp_quality
 from trigact.threats.levels import level_meta
 from trigact.threats.sanity import sanity_flags
 
 ADAPTIVE_LEVELS = ("L4", "L5", "L6")
 BLACK_BOX_KINDS = frozenset({"square"})
-THROUGH = ("victim", "estimate", "raw")
+THROUGH = ("victim", "estimate", "neural_cleanse", "raw")
 
 
 def check_level_config(level_cfg: Mapping) -> tuple[str, float, dict]:
@@ -50,7 +52,7 @@ def check_level_config(level_cfg: Mapping) -> tuple[str, float, dict]:
     for name, spec in attacks.items():
         through = spec.get("through", "estimate" if level == "L4" else "victim")
         if through not in (THROUGH[1:] if level == "L4" else THROUGH[:1]):
-            allowed = "estimate, raw" if level == "L4" else "victim (only L4 attacks through an estimate or raw f)"
+            allowed = ", ".join(THROUGH[1:]) if level == "L4" else "victim (only L4 attacks through an estimate or raw f)"
             raise TrigactError(f"threat.attacks.{name}.through={through!r}; allowed: {allowed}")
         spec["through"] = through
     return level, parse_eps(level_cfg.get("eps"), "threat.eps", allow_zero=False), attacks
@@ -66,8 +68,8 @@ def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
                       for i in range(0, len(x), batch_size)])
 
 
-def _attack_models(level: str, name: str, model: nn.Module, level_cfg: Mapping, attacker, seed: int,
-                   batch_size: int, x, y) -> tuple[dict, dict]:
+def _attack_models(level: str, name: str, model: nn.Module, level_cfg: Mapping, attacks: Mapping, attacker,
+                   seed: int, batch_size: int, x, y) -> tuple[dict, dict]:
     """``through -> model the attack differentiates``, and what the report keeps (L4's estimate)."""
     if level != "L4":
         return {"victim": model}, {}
@@ -76,17 +78,31 @@ def _attack_models(level: str, name: str, model: nn.Module, level_cfg: Mapping, 
                            "drop defense= for L4")
     if attacker is None:
         raise TrigactError("threat L4 needs the attacker's own labelled images (validation images)")
-    settings = dict(level_cfg.get("estimate") or {})
-    settings.pop("n_images", None)
-    estimate = estimate_trigger(model.net, *attacker, seed=seed, batch_size=batch_size, **settings)
-    tau = model.trigger if model.trigger is not None else torch.zeros_like(estimate.tau)
-    quality = estimate_quality(model.net, tau, estimate.tau, x, y, batch_size)
-    print(f"L4 estimate for {name}: sign agreement {quality['sign_agreement']}, cosine {quality['cosine']:.3f}, "
-          f"f(x + tau') {quality['acc_estimate']:.1%} right (f(x + tau) {quality['acc_true_trigger']:.1%}, "
-          f"f(x) {quality['acc_no_trigger']:.1%})")
-    estimated = DeployedModel(model.net, estimate.tau).eval()
-    return {"estimate": estimated, "raw": model.net}, {"estimate": {**quality, "loss": estimate.loss,
-                                                                    "restart": estimate.restart}}
+    needed = {spec["through"] for spec in attacks.values()}  # only the stand-ins some attack uses
+    models, report = {"raw": model.net}, {}
+    tau = model.trigger
+    if "estimate" in needed:
+        settings = dict(level_cfg.get("estimate") or {})
+        settings.pop("n_images", None)
+        estimate = estimate_trigger(model.net, *attacker, seed=seed, batch_size=batch_size, **settings)
+        quality = estimate_quality(model.net, tau if tau is not None else torch.zeros_like(estimate.tau),
+                                   estimate.tau, x, y, batch_size)
+        print(f"L4 estimate for {name}: sign agreement {quality['sign_agreement']}, cosine {quality['cosine']:.3f}, "
+              f"f(x + tau') {quality['acc_estimate']:.1%} right (f(x + tau) {quality['acc_true_trigger']:.1%}, "
+              f"f(x) {quality['acc_no_trigger']:.1%})")
+        models["estimate"] = DeployedModel(model.net, estimate.tau).eval()
+        report["estimate"] = {**quality, "loss": estimate.loss, "restart": estimate.restart}
+    if "neural_cleanse" in needed:
+        settings = dict(level_cfg.get("neural_cleanse") or {})
+        stamp, success = estimate_stamp(model.net, *attacker, seed=seed, **settings)
+        quality = stamp_quality(model.net, tau if tau is not None else torch.zeros(x.shape[1:]), stamp, x, y, batch_size)
+        cosine = "-" if quality["cosine"] is None else f"{quality['cosine']:.3f}"
+        print(f"L4 Neural Cleanse estimate for {name}: mask L1 {quality['mask_l1']:.1f}, cosine {cosine}, "
+              f"f(stamp(x)) {quality['acc_estimate']:.1%} right (f(x + tau) {quality['acc_true_trigger']:.1%}, "
+              f"f(x) {quality['acc_no_trigger']:.1%})")
+        models["neural_cleanse"] = StampedNet(model.net, stamp).eval()
+        report["neural_cleanse"] = {**quality, "attacker_success": success}
+    return models, report
 
 
 def evaluate_adaptive(victims: Mapping[str, nn.Module], x: torch.Tensor, y: torch.Tensor, level_cfg: Mapping,
@@ -109,7 +125,7 @@ def evaluate_adaptive(victims: Mapping[str, nn.Module], x: torch.Tensor, y: torc
         model.eval()
         clean = _correct(model, x, y, batch_size)
         matrix.clean[name], matrix.clean_n[name] = clean.float().mean().item(), len(clean)
-        models, report[name] = _attack_models(level, name, model, level_cfg, attacker, seed, batch_size, x, y)
+        models, report[name] = _attack_models(level, name, model, level_cfg, attacks, attacker, seed, batch_size, x, y)
         gradient, blackbox = [], {}
         for attack, spec in attacks.items():
             attacked = models[spec["through"]]
