@@ -179,13 +179,21 @@ def test_a_transfer_bank_records_its_attackers_level(shrunk_demo):
     assert metas and all(m["threat"]["level"] == "L0" for m in metas)  # the demo's standard surrogates
 
 
+def split_tensors(model, split, n):
+    """The first n images of a run's ``split`` and their labels, as two tensors."""
+    from trigact.evaluation.crafting import evaluation_images
+
+    images = evaluation_images(model.meta["config"]["data"], n, split=split)
+    x, y = (torch.stack(t) for t in zip(*(images[i] for i in range(len(images)))))
+    return x, y.long()
+
+
 def test_l4_the_defenders_objective_recovers_a_trigger_that_activates_f(shrunk_demo):
     """L4 on the demo's fixed-trigger run (eps_t 32/255, 2 epochs), from 128 validation images (the
     attacker's own, never test images), scored on the test images. Measured: sign agreement 0.64
     (chance is 0.5: pixels where f's gradient is flat keep their random start), yet the estimate
     activates f as well as tau itself (75% right against 71%; 40% with no trigger). The bounds leave
     room below the measurement for other torch builds."""
-    from trigact.evaluation.crafting import evaluation_images
     from trigact.runs.bundle import BUNDLE_NAME, load_bundle
     from trigact.threats.estimate import estimate_quality, estimate_trigger
 
@@ -194,9 +202,7 @@ def test_l4_the_defenders_objective_recovers_a_trigger_that_activates_f(shrunk_d
     model = load_bundle(run / BUNDLE_NAME).eval()
 
     def tensors(split, n):
-        images = evaluation_images(model.meta["config"]["data"], n, split=split)
-        x, y = (torch.stack(t) for t in zip(*(images[i] for i in range(len(images)))))
-        return x, y.long()
+        return split_tensors(model, split, n)
 
     x, y = tensors("val", 128)
     estimate = estimate_trigger(model.net, x, y, bound=32 / 255, steps=20, restarts=1)
@@ -216,7 +222,6 @@ def test_l4_a_neural_cleanse_style_estimate_activates_f(shrunk_demo):
     Measured: f(stamp(x)) 73.6% right against 70.8% for f(x + tau) and 40.3% for f(x), with a mask of
     L1 104 (of 256 pixels) whose mean perturbation has cosine 0.17 with tau: like the defender's-objective
     estimate, a trigger unlike tau that activates f as well. The bound leaves room for other builds."""
-    from trigact.evaluation.crafting import evaluation_images
     from trigact.runs.bundle import BUNDLE_NAME, load_bundle
     from trigact.threats.estimate import estimate_stamp, stamp_quality
 
@@ -225,9 +230,7 @@ def test_l4_a_neural_cleanse_style_estimate_activates_f(shrunk_demo):
     model = load_bundle(run / BUNDLE_NAME).eval()
 
     def tensors(split, n):
-        images = evaluation_images(model.meta["config"]["data"], n, split=split)
-        x, y = (torch.stack(t) for t in zip(*(images[i] for i in range(len(images)))))
-        return x, y.long()
+        return split_tensors(model, split, n)
 
     stamp, success = estimate_stamp(model.net, *tensors("val", 128), steps=30, batch_size=64)
     quality = stamp_quality(model.net, model.trigger, stamp, *tensors("test", 360))
