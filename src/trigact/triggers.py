@@ -56,6 +56,18 @@ class Trigger(nn.Module):
         return f"kind={self.kind}, shape={tuple(self.tau.shape)}, max|tau|={self.tau.abs().max().item():.4f}"
 
 
+def trigger_stats(tau: torch.Tensor | None) -> dict:
+    """How large a trigger is, as the summaries report it (in pixel units, images in [0, 1]):
+    ``trigger_mse`` = MSE(0, tau) = mean(tau^2), the paper's Table XI (which prints it in units of
+    1e-2: a fixed trigger at 64/255 gives (64/255)^2 = 6.30e-2), ``trigger_linf`` = max|tau| and
+    ``trigger_nonzero`` = the fraction of coordinates that are not 0. Empty for no trigger."""
+    if tau is None:
+        return {}
+    tau = tau.detach().float()
+    return {"trigger_mse": float(tau.pow(2).mean()), "trigger_linf": float(tau.abs().max()),
+            "trigger_nonzero": float((tau != 0).float().mean())}
+
+
 def _generator(seed: int) -> torch.Generator:
     # A private generator: the trigger is the same for a given seed on every DDP rank and does not
     # depend on (or disturb) the global RNG stream used for weights and data order.

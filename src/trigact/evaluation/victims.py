@@ -14,6 +14,7 @@ from trigact.models.deployed import DeployedModel
 from trigact.models.ensemble import run_paths
 from trigact.common.validate import parse_eps
 from trigact.common.errors import TrigactError, unknown_name
+from trigact.triggers import trigger_stats
 from trigact.evaluation.bank import Bank
 from trigact.evaluation.matrix import RobustnessMatrix, evaluate_matrix
 
@@ -71,6 +72,7 @@ def victim_record(name: str, group: str, model: DeployedModel, defense: str | No
     for key in ("eps", "alpha"):
         if trigger.get(key) is not None:
             record[key] = parse_eps(trigger[key])
+    record.update(trigger_stats(getattr(model, "trigger", None)))  # trigger_mse (the paper's Table XI), trigger_linf
     return record
 
 
