@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gzip
 import os
-import pickle
 from pathlib import Path
 from urllib.error import URLError
 
@@ -19,7 +18,6 @@ import pytest
 import torch
 from trigact.common.config import instantiate_named
 from omegaconf import OmegaConf
-from PIL import Image
 
 from trigact.data import (
     DATAMODULES,
@@ -34,6 +32,8 @@ from trigact.data import (
 from trigact.data.base import validation_indices
 from trigact.data.digits import load_digits_split
 from trigact.common.errors import TrigactError
+
+from _datasets_on_disk import write_cifar, write_image_folder
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "data"
 DEBIAN_FASHION_ROOT = Path("/usr/share/datasets/fashion-mnist")
@@ -410,37 +410,7 @@ def test_fashion_debian_package():
 
 # ---------------------------------------------------------------- cifar
 
-CIFAR_LAYOUTS = {
-    # class: (folder, train files, test file, meta file, label key, meta key)
-    CIFAR10DataModule: ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "test_batch",
-                        "batches.meta", "labels", "label_names"),
-    CIFAR100DataModule: ("cifar-100-python", ["train"], "test", "meta", "fine_labels", "fine_label_names"),
-}
-
-
-def write_cifar(root: Path, module: type, per_file: int = 3) -> tuple[np.ndarray, list, np.ndarray, list]:
-    """Pickled dicts with uint8 (N, 3072) rows in CHW order, like the real archives.
-
-    The real files are Python 2 pickles whose str keys ('data', 'labels'; b'data' when read with
-    encoding='bytes') load as str under torchvision's encoding='latin1'; Python 3 str keys load the same.
-    """
-    folder, train_files, test_file, meta_file, label_key, meta_key = CIFAR_LAYOUTS[module]
-    base = root / folder
-    base.mkdir(parents=True)
-    rng = np.random.default_rng(1)
-    splits = {}
-    for split, files in (("train", train_files), ("test", [test_file])):
-        data = rng.integers(0, 256, (per_file * len(files), 3072), dtype=np.uint8)
-        labels = rng.integers(0, module.num_classes, len(data)).tolist()
-        for i, name in enumerate(files):
-            rows = slice(i * per_file, (i + 1) * per_file)
-            entry = {"data": data[rows], label_key: labels[rows], "batch_label": f"{split} batch {i}"}
-            if module is CIFAR100DataModule:
-                entry["coarse_labels"] = [label // 5 for label in labels[rows]]
-            (base / name).write_bytes(pickle.dumps(entry))
-        splits[split] = (data, labels)
-    (base / meta_file).write_bytes(pickle.dumps({meta_key: [f"class{i}" for i in range(module.num_classes)]}))
-    return (*splits["train"], *splits["test"])
+# CIFAR_LAYOUTS and write_cifar: tests/_datasets_on_disk.py (the paper-experiment smoke tests use them too)
 
 
 @pytest.fixture
@@ -512,14 +482,7 @@ def test_cifar_failed_download_says_to_place_the_files(tmp_path, monkeypatch, mo
 # ---------------------------------------------------------------- imagenet subset
 
 
-def write_image_folder(root: Path, classes: list[str], per_class: int = 2) -> None:
-    rng = np.random.default_rng(2)
-    for split in ("train", "val"):
-        for name in classes:
-            (root / split / name).mkdir(parents=True)
-            for i in range(per_class):
-                pixels = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(root / split / name / f"img{i}.JPEG")
+# write_image_folder: tests/_datasets_on_disk.py
 
 
 def test_imagenet_subset_takes_first_sorted_classes(tmp_path):

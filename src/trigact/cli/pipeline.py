@@ -23,7 +23,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from trigact.attacks.config import attack_config, budget_overrides
 from trigact.cli import quiet_libraries, user_errors
+from trigact.cli.grid import expand_grid
 from trigact.common.config import CONF_DIR
+from trigact.common.devices import cpu_fallback
 from trigact.common.errors import TrigactError, unknown_name
 from trigact.common.io import atomic_write_json, atomic_write_text
 from trigact.common.report import markdown_table, print_table
@@ -31,6 +33,7 @@ from trigact.common.tracking import job_run, log_tables
 from trigact.common.validate import check_n_eval, check_seed, check_split
 from trigact.evaluation.budgets import check_attacks, craft_at_budgets
 from trigact.evaluation.crafting import evaluation_images, unfit_pairs, unfit_reason
+from trigact.evaluation.matrix import RobustnessMatrix
 from trigact.evaluation.tables import bank_rows, robustness_tables, write_results
 from trigact.evaluation.victims import defend, defense_config, evaluate_victims, victim_record
 from trigact.runs import register_resolvers
@@ -48,10 +51,16 @@ def run_overrides(cfg: DictConfig, name: str) -> list[str]:
         raise TrigactError(f"pipeline.runs.{name} must be a list of train overrides, e.g. [method=standard]")
     # The pipeline's own path settings apply to its training runs too (quoted: paths may hold , = [).
     shared = [f"paths.{key}={quote(cfg.paths[key])}" for key in FORWARDED_PATHS] + [f"seed={cfg.seed}"]
+    shared.append(f"allow_cpu={str(bool(cfg.get('allow_cpu', False))).lower()}")  # for experiment=paper_* runs
     if cfg.get("wandb") and cfg.wandb.enabled:  # the training runs log to W&B in the pipeline's group
         shared += ["logger=wandb", f"logger.wandb.group={quote(wandb_group(cfg))}"]
         shared += [f"logger.wandb.project={quote(cfg.wandb.project)}"]
-    return shared + list(cfg.pipeline.train_overrides) + list(own)
+    # A GPU-sized experiment (the paper tables select trainer=gpu) run with allow_cpu=true where there
+    # is no GPU: its runs train on the CPU (last, so that it wins over trainer=gpu).
+    fallback = ["trainer.accelerator=cpu"] if cpu_fallback(
+        bool(cfg.get("require_accelerator", False)), bool(cfg.get("allow_cpu", False)),
+        f"experiment {cfg.pipeline.name}") else []
+    return shared + list(cfg.pipeline.train_overrides) + list(own) + fallback
 
 
 RUN_LINK = re.compile(r"@run:([A-Za-z0-9_.-]+)")
@@ -91,6 +100,7 @@ def quote(value) -> str:
 
 
 def run_pipeline(cfg: DictConfig) -> list[dict]:
+    expand_grid(cfg)  # pipeline.grid (the paper tables): runs, surrogates and victims per architecture
     if not cfg.get("pipeline") or not cfg.pipeline.get("runs"):
         raise TrigactError("no runs to do: choose an experiment, e.g. experiment=demo (see conf/experiment/)")
     check_seed(cfg.seed, "seed")  # every run and bank is seeded with it
@@ -112,15 +122,56 @@ def run_pipeline(cfg: DictConfig) -> list[dict]:
             print((run_ladder(cfg, train_cfgs, out) / "ladder.md").read_text())
     else:
         atomic_write_text(markdown_table(rows), out / "table.md")
+    if cfg.pipeline.get("paper"):
+        write_paper_comparison(cfg, rows, out)
     return rows
 
 
-def victim_groups(cfg: DictConfig) -> dict[str, dict]:
-    """``pipeline.victims``: group name (a table column) -> ``{"runs": [...], "defense": name or None}``.
+def write_paper_comparison(cfg: DictConfig, rows: list[dict], out: Path) -> Path:
+    """``paper.md`` / ``paper.json``: our table beside the paper's (``pipeline.paper``), each cell
+    ``ours / paper (delta)``; for Table XI (``runs_by_name``) each run's MSE(0, tau) beside the paper's."""
+    from trigact.analysis.paper import read_ours_dict, reference_value, side_by_side
 
-    A group is a list of run names, or a mapping with ``runs`` and a ``defense`` (a conf/defense name)
-    put in front of each of its victims; ``defense=`` on the command line applies to every group
-    that names none.
+    spec = OmegaConf.to_container(cfg.pipeline.paper, resolve=True)
+    lines = [f"# {cfg.pipeline.name}: ours beside the paper's Table {spec['table']}", ""]
+    if spec.get("runs_by_name"):  # run <dataset>_<defense>[_<arch>] -> (dataset, victim, defense)
+        records = []
+        lines += ["| run | MSE(0, tau) (1e-2), ours | paper | delta |", "|---|---:|---:|---:|"]
+        for row in rows:
+            if row.get("trigger_mse") is None:
+                continue
+            dataset, _, rest = row["name"].partition("_")
+            defense, arch = (rest, "") if rest.count("_") <= 1 else ("_".join(rest.split("_")[:2]), "_".join(rest.split("_")[2:]))
+            ours = 100 * row["trigger_mse"]
+            paper = reference_value(spec["table"], dataset, defense, "none", victim=arch.removeprefix("tv_"), metric="mse_1e-2")
+            records.append({"run": row["name"], "ours": ours, "paper": paper})
+            delta = "-" if paper is None else f"{ours - paper:+.2f}"
+            lines.append(f"| {row['name']} | {ours:.2f} | {'-' if paper is None else f'{paper:.2f}'} | {delta} |")
+        table = "\n".join(lines) + "\n"
+    else:
+        ours = read_ours_dict(out)
+        present = {c for cells in ours.values() for c in cells}
+        gone = {i.get("column") for i in (cfg.pipeline.get("left_out") or [])}
+        columns = {c: key for c, key in (spec.get("columns") or {}).items() if c in present or c not in gone}
+        markdown, records = side_by_side(ours, spec["table"], spec["dataset"], columns)
+        table = "\n".join(lines) + "\n" + markdown
+    left_out = OmegaConf.to_container(cfg.pipeline.left_out, resolve=True) if cfg.pipeline.get("left_out") else []
+    if left_out:
+        table += "\nLeft out: " + "; ".join(f"{i.get('column') or i.get('attack')} ({i['reason']})" for i in left_out) + "\n"
+    atomic_write_json({"paper": spec, "cells": records, "left_out": left_out}, out / "paper.json")
+    path = atomic_write_text(table, out / "paper.md")
+    print(f"paper comparison: {path}")
+    return path
+
+
+def victim_groups(cfg: DictConfig) -> dict[str, dict]:
+    """``pipeline.victims``: group name (a table column) -> ``{"runs": [...], "defense": name or None,
+    "surrogates": [...] or None}``.
+
+    A group is a list of run names, or a mapping with ``runs``, a ``defense`` (a conf/defense name)
+    put in front of each of its victims, and its own ``surrogates`` (runs: the column's S, e.g. the
+    paper's Tables VIII-X, where the attacker trains its surrogates as the column's defender does;
+    default ``pipeline.surrogates``); ``defense=`` on the command line applies to every group that names none.
     """
     if not cfg.pipeline.get("victims"):
         raise TrigactError("pipeline.victims is empty: name the runs to evaluate, e.g. "
@@ -134,14 +185,18 @@ def victim_groups(cfg: DictConfig) -> dict[str, dict]:
     parsed = {}
     for group, spec in groups.items():
         if isinstance(spec, dict):
-            unknown = set(spec) - {"runs", "defense"}
+            unknown = set(spec) - {"runs", "defense", "surrogates"}
             if unknown or "runs" not in spec:
-                raise TrigactError(f"pipeline.victims.{group} must be a list of runs or {{runs: [...], defense: name}}")
-            runs, defense = spec["runs"], spec.get("defense")
+                raise TrigactError(f"pipeline.victims.{group} must be a list of runs or "
+                                   "{runs: [...], defense: name, surrogates: [run, ...]}")
+            runs, defense, own = spec["runs"], spec.get("defense"), spec.get("surrogates")
         else:
-            runs, defense = spec, None
+            runs, defense, own = spec, None, None
         runs = list(runs) if isinstance(runs, list) else [runs]
-        parsed[group] = {"runs": runs, "defense": defense or default_defense}
+        if own is not None and (not isinstance(own, list) or not own):
+            raise TrigactError(f"pipeline.victims.{group}.surrogates must be a non-empty list of runs")
+        parsed[group] = {"runs": runs, "defense": defense or default_defense,
+                         "surrogates": None if own is None else [str(o) for o in own]}
     return parsed
 
 
@@ -171,6 +226,18 @@ def surrogate_entries(cfg: DictConfig, node=None) -> list[tuple[str, list[str], 
     return out
 
 
+def all_surrogate_entries(cfg: DictConfig) -> list[tuple[str, list[str], str | None]]:
+    """``pipeline.surrogates`` and every victim group's own surrogates (each once): the banks to craft."""
+    entries = surrogate_entries(cfg)
+    known = {name for name, _, _ in entries}
+    for spec in victim_groups(cfg).values():
+        for name in spec["surrogates"] or []:
+            if name not in known:
+                entries.append((name, [name], None))
+                known.add(name)
+    return entries
+
+
 def check_evaluation_plan(cfg: DictConfig, run_dirs: dict[str, str] | None = None) -> None:
     """Fail in seconds, not after the training stage, on a mistake in the attack/evaluate plan: no
     surrogates, a surrogate or victim that is not one of ``pipeline.runs``, a victim that is a
@@ -180,10 +247,10 @@ def check_evaluation_plan(cfg: DictConfig, run_dirs: dict[str, str] | None = Non
 
     ``run_dirs``: run name -> run folder; two names with one folder are one run (by default each
     name is its own run)."""
-    entries = surrogate_entries(cfg)
-    if not entries:
-        raise TrigactError("pipeline.attacks is set but pipeline.surrogates is empty: name the runs to craft TAEs on")
     groups = victim_groups(cfg)
+    if not surrogate_entries(cfg) and any(spec["surrogates"] is None for spec in groups.values()):
+        raise TrigactError("pipeline.attacks is set but pipeline.surrogates is empty: name the runs to craft TAEs on")
+    entries = all_surrogate_entries(cfg)
     members = [m for _, runs, _ in entries for m in runs]
     for name in members + [v for spec in groups.values() for v in spec["runs"]]:
         if name not in cfg.pipeline.runs:
@@ -276,11 +343,11 @@ def pipeline_budget(cfg: DictConfig) -> dict:
 def attack_and_evaluate(cfg: DictConfig, train_cfgs: dict, out: Path):
     """Stages 2 and 3 for the experiment's surrogates, attacks and victim groups (checked by
     :func:`check_evaluation_plan` before the training stage)."""
-    entries = surrogate_entries(cfg)
+    entries = all_surrogate_entries(cfg)
     first = train_cfgs[entries[0][1][0]]
     images = evaluation_images(OmegaConf.to_container(first.data, resolve=True), cfg.pipeline.get("n_eval"),
                                split=cfg.pipeline.get("split", "test"))
-    matrix, columns, records = transfer_matrix(cfg, train_cfgs, entries, images, out)
+    matrix, columns, records = transfer_matrix(cfg, train_cfgs, entries, images, out, per_group=True)
     write_results(matrix, columns, records, out, intervals=bool(cfg.get("intervals", False)))
     if cfg.get("wandb") and cfg.wandb.enabled:
         wandb_cfg = OmegaConf.merge(cfg, {"wandb": {"group": wandb_group(cfg)}})
@@ -313,10 +380,11 @@ def victims_and_records(cfg: DictConfig, train_cfgs: dict):
     return victims, records, columns, runs
 
 
-def transfer_matrix(cfg: DictConfig, train_cfgs: dict, entries, images, out: Path):
+def transfer_matrix(cfg: DictConfig, train_cfgs: dict, entries, images, out: Path, per_group: bool = False):
     """Banks of ``pipeline.attacks`` on the ``entries`` surrogates (crafted or reused; pairs that cannot
     run left out and listed in ``skipped.json``), and every victim scored on them: ``(matrix, columns,
-    records)``."""
+    records)``. ``per_group``: a victim group with its own ``surrogates`` is scored on those banks only,
+    the others on ``pipeline.surrogates``' (Eq. 6 then averages each victim over its own S)."""
     n_eval, split = cfg.pipeline.get("n_eval"), cfg.pipeline.get("split", "test")
     first = train_cfgs[entries[0][1][0]]
     surrogates = {name: _deployed(train_cfgs, runs[0]) if fusion is None
@@ -341,8 +409,30 @@ def transfer_matrix(cfg: DictConfig, train_cfgs: dict, entries, images, out: Pat
             log_tables(run, {"banks": bank_rows(banks)})
             run.finish()
     victims, records, columns, runs = victims_and_records(cfg, train_cfgs)
-    matrix = evaluate_victims(victims, surrogates, banks, allow_whitebox=cfg.pipeline.get("allow_whitebox", False),
-                              victim_runs=runs)
+    allow = cfg.pipeline.get("allow_whitebox", False)
+    groups = victim_groups(cfg)
+    if not per_group or all(spec["surrogates"] is None for spec in groups.values()):
+        matrix = evaluate_victims(victims, surrogates, banks, allow_whitebox=allow, victim_runs=runs)
+        return matrix, columns, records
+    default = [name for name, _, _ in surrogate_entries(cfg)]
+    matrix, scored = RobustnessMatrix(), {}
+    for group, names in columns.items():
+        chosen = groups[group]["surrogates"] or default
+        for name in names:
+            if name in scored and scored[name] != chosen:
+                raise TrigactError(f"pipeline.victims: victim {name} is in groups with different surrogates "
+                                   f"({', '.join(scored[name])} / {', '.join(chosen)}); give each group its own run")
+        todo = {name: victims[name] for name in names if name not in scored}
+        if not todo:
+            continue
+        part = evaluate_victims(todo, {s: surrogates[s] for s in chosen},
+                                {key: bank for key, bank in banks.items() if key[0] in chosen},
+                                allow_whitebox=allow, victim_runs={name: runs[name] for name in todo})
+        matrix.cells += part.cells
+        matrix.clean.update(part.clean)
+        matrix.clean_n.update(part.clean_n)
+        matrix.per_image.update(part.per_image)
+        scored.update({name: chosen for name in todo})
     return matrix, columns, records
 
 

@@ -15,8 +15,9 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
+from trigact.common.devices import cpu_fallback
 from trigact.common.errors import TrigactError
 from trigact.common.io import atomic_write_json, atomic_write_text
 from trigact.common.tracking import finish_wandb_loggers
@@ -26,6 +27,7 @@ from trigact.runs.status import RunAttempt, RunLocked, is_bad_input
 from trigact.training.build import build_callbacks, build_datamodule, build_loggers, build_run
 from trigact.training.checkpoints import VerifiedCheckpointIO, resolve_checkpoint, resume_request
 from trigact.training.summary import CARD_NAME, final_metrics, model_card
+from trigact.triggers import trigger_stats
 
 
 def check_training_config(cfg: DictConfig) -> None:
@@ -41,13 +43,19 @@ def train(cfg: DictConfig) -> dict:
     run_dir = Path(cfg.paths.run_dir)
     launch_dir = _launch_dir()
     try:
+        # experiment=paper_* selects trainer=gpu: refused without a GPU, unless allow_cpu=true.
+        if cpu_fallback(bool(cfg.get("require_accelerator", False)), bool(cfg.get("allow_cpu", False)),
+                        "this training (require_accelerator=true)"):
+            with open_dict(cfg):
+                cfg.trainer.accelerator = "cpu"
         check_training_config(cfg)
         bundle_path = run_dir / BUNDLE_NAME
         if bundle_path.exists():
-            meta = read_bundle(bundle_path)["meta"]
+            payload = read_bundle(bundle_path)
             resume = "; nothing to resume" if cfg.get("ckpt_path") else ""
             print(f"already finished, not retrained{resume}: {bundle_path}")
-            return {"run_dir": str(run_dir), "bundle": str(bundle_path), "skipped": True, **meta["metrics"]}
+            return {"run_dir": str(run_dir), "bundle": str(bundle_path), "skipped": True,
+                    **payload["meta"]["metrics"], **trigger_stats(payload.get("trigger"))}
 
         L.seed_everything(cfg.seed, workers=True)
         datamodule = build_datamodule(cfg)
@@ -158,4 +166,4 @@ def _train_attempt(cfg: DictConfig, run_dir: Path, bundle_path: Path, attempt: R
             attempt.finished(metrics)
     trainer.strategy.barrier()
     return {"run_dir": str(run_dir), "bundle": str(bundle_path), "skipped": False,
-            "is_global_zero": trainer.is_global_zero, **metrics}
+            "is_global_zero": trainer.is_global_zero, **metrics, **trigger_stats(trigger)}
