@@ -79,7 +79,9 @@ def link_runs(override: str, earlier: dict, name: str) -> str:
 
 
 def train_configs(cfg: DictConfig) -> dict[str, DictConfig]:
-    """Every run's train config, in the plan's order (``@run:`` links resolved)."""
+    """Every run's train config, in the plan's order (``@run:`` links resolved). A ``pipeline.grid``
+    is expanded first (in place; expanding twice is a no-op)."""
+    expand_grid(cfg)
     train_cfgs = {}
     for name in cfg.pipeline.runs:
         overrides = [link_runs(o, train_cfgs, name) for o in run_overrides(cfg, name)]
@@ -243,10 +245,11 @@ def check_evaluation_plan(cfg: DictConfig, run_dirs: dict[str, str] | None = Non
     surrogates, a surrogate or victim that is not one of ``pipeline.runs``, a victim that is a
     surrogate's run (unless ``pipeline.allow_whitebox``), a bad ``pipeline.n_eval`` or
     ``pipeline.split``, an unknown attack or a bad ``attack_overrides`` value, an unknown defense or
-    one that cannot be built (e.g. NRP without weights).
+    one that cannot be built (e.g. NRP without weights). A ``pipeline.grid`` is expanded first.
 
     ``run_dirs``: run name -> run folder; two names with one folder are one run (by default each
     name is its own run)."""
+    expand_grid(cfg)
     groups = victim_groups(cfg)
     if not surrogate_entries(cfg) and any(spec["surrogates"] is None for spec in groups.values()):
         raise TrigactError("pipeline.attacks is set but pipeline.surrogates is empty: name the runs to craft TAEs on")
