@@ -39,3 +39,23 @@ def test_every_table_is_shipped_with_unique_cells():
     assert {r["table"] for r in records} == {"I", "II", "III", "IV", "VII", "VIII", "IX", "X", "XI"}
     keys = [(r["table"], r["dataset"], r["victim"], r["defense"], r["attack"], r["metric"]) for r in records]
     assert len(keys) == len(set(keys))
+
+
+def test_setting_differences_flags_what_differs_from_the_paper_and_nothing_else():
+    from trigact.analysis.paper import setting_differences
+
+    paper = {"data": {"name": "cifar10", "batch_size": 128, "val_size": 0},
+             "trainer": {"max_epochs": 60, "limit_train_batches": 1.0},
+             "optimizer": {"_target_": "torch.optim.SGD", "lr": 0.1},
+             "scheduler": {"_target_": "torch.optim.lr_scheduler.CosineAnnealingLR"}}
+    assert setting_differences("cifar10", {"a": paper, "b": paper}, {"eps": "8/255", "steps": 20}) == []
+    short = {**paper, "trainer": {"max_epochs": 1}, "data": {**paper["data"], "val_size": 0.1}}
+    lines = setting_differences("cifar10", {"a": short, "b": short, "c": paper}, {"eps": 0.1, "steps": 20}, n_eval=64)
+    assert any("trainer.max_epochs" in line and "= 1 " in line and "paper: 60" in line and "in a, b" in line
+               for line in lines)
+    assert any("data.val_size" in line for line in lines)
+    assert any("attack `eps` = 0.1" in line for line in lines) and not any("steps" in line for line in lines)
+    assert any("n_eval" in line and "64" in line for line in lines)
+    assert len(lines) == 4
+    # CIFAR-100 trains for 100 epochs in the paper: 60 is a difference there
+    assert any("paper: 100" in line for line in setting_differences("cifar100", {"a": {**paper, "data": {**paper["data"], "name": "cifar100"}}}))

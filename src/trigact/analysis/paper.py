@@ -303,3 +303,73 @@ def read_ours(results_dir: str | Path):
     cols = list(dict.fromkeys(c for cells in grid.values() for c in cells))
     return pandas.DataFrame([[cells.get(c) for c in cols] for cells in grid.values()],
                             index=list(grid), columns=cols, dtype=float)
+
+
+# ------------------------------------------------------------------ settings that differ from the paper's
+
+# The paper's protocol (Sec. V-A, "Model Training" and "Attack Methods"): 60 epochs on CIFAR-10, 100 on
+# CIFAR-100 and the ImageNet subset; SGD lr 0.1 with CosineAnnealingLR, batch 128; attacks at
+# L_inf 8/255 with 20 iterations. It does not say how many test images it scores: we read it as all.
+PAPER_EPOCHS = {"cifar10": 60, "cifar100": 100, "imagenet100": 100}
+PAPER_DATA = {"cifar10": "cifar10", "cifar100": "cifar100", "imagenet100": "imagenet_subset"}
+PAPER_ATTACK = {"eps": 8 / 255, "steps": 20}
+
+
+def _get(tree: Mapping, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(tree, Mapping) or part not in tree:
+            return None
+        tree = tree[part]
+    return tree
+
+
+def _short(names: list[str], keep: int = 4) -> str:
+    return ", ".join(names[:keep]) + (f" and {len(names) - keep} more" if len(names) > keep else "")
+
+
+def setting_differences(dataset: str, runs: Mapping[str, Mapping], budget: Mapping | None = None,
+                        n_eval: int | None = None, split: str = "test") -> list[str]:
+    """Where an experiment's settings differ from the paper's, one line each (an empty list: none).
+
+    ``runs``: run name -> its resolved train config as a plain dict; ``budget``: the attacks' budget
+    (``eps``, ``steps``; see :func:`trigact.attacks.config.budget_overrides`); ``n_eval`` and
+    ``split``: the images the banks are crafted on. A difference shared by several runs is one line
+    naming them. Architectures are not checked: the table's columns name them."""
+    if dataset not in PAPER_EPOCHS:
+        raise TrigactError(f"dataset={dataset!r} is not one of the paper's; allowed: {', '.join(PAPER_EPOCHS)}")
+    found: dict[tuple[str, str, str], list[str]] = {}
+
+    def differs(key: str, ours, paper, name: str) -> None:
+        found.setdefault((key, repr(ours), str(paper)), []).append(name)
+
+    for name, cfg in runs.items():
+        checks = [("data.name", PAPER_DATA[dataset]), ("trainer.max_epochs", PAPER_EPOCHS[dataset]),
+                  ("data.batch_size", 128), ("optimizer._target_", "torch.optim.SGD"), ("optimizer.lr", 0.1),
+                  ("scheduler._target_", "torch.optim.lr_scheduler.CosineAnnealingLR")]
+        for key, paper in checks:
+            ours = _get(cfg, key)
+            if ours != paper and not (isinstance(ours, (int, float)) and isinstance(paper, (int, float))
+                                      and math.isclose(ours, paper)):
+                differs(key, ours, paper, name)
+        val = _get(cfg, "data.val_size")
+        if val not in (None, 0, 0.0):
+            differs("data.val_size", val, "0 (all training images are trained on)", name)
+        if _get(cfg, "trainer.limit_train_batches") not in (None, 1, 1.0):
+            differs("trainer.limit_train_batches", _get(cfg, "trainer.limit_train_batches"), "1.0 (every batch)", name)
+    lines = [f"`{key}` = {ours} (paper: {paper}) in {_short(names)}" for (key, ours, paper), names in found.items()]
+    budget = dict(budget or {})
+    for key, paper in PAPER_ATTACK.items():
+        ours = budget.get(key)
+        if ours is None:
+            continue
+        values = ours if isinstance(ours, (list, tuple)) else [ours]
+        parsed = [parse_eps(v, f"attack_protocol.{key}") if key == "eps" else int(v) for v in values]
+        if any(not math.isclose(float(v), paper) for v in parsed):
+            shown = ", ".join(str(v) for v in values)
+            lines.append(f"attack `{key}` = {shown} (paper: {'8/255' if key == 'eps' else paper})")
+    if n_eval is not None:
+        lines.append(f"`pipeline.n_eval` = {n_eval}: the first {n_eval} {split} images are scored (paper: "
+                     "not stated, read as the whole test set)")
+    if split != "test":
+        lines.append(f"`pipeline.split` = {split} (paper: the test set)")
+    return lines

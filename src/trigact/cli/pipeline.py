@@ -93,6 +93,8 @@ def wandb_group(cfg: DictConfig) -> str:
     return cfg.wandb.group or f"pipeline-{cfg.pipeline.name}"
 
 
+# What paper.md compares with the paper's settings (trigact.analysis.paper.setting_differences).
+SETTING_KEYS = ("data", "trainer", "optimizer", "scheduler")
 FORWARDED_PATHS = ("root_dir", "data_dir", "output_dir", "runs_dir")
 
 
@@ -125,14 +127,17 @@ def run_pipeline(cfg: DictConfig) -> list[dict]:
     else:
         atomic_write_text(markdown_table(rows), out / "table.md")
     if cfg.pipeline.get("paper"):
-        write_paper_comparison(cfg, rows, out)
+        write_paper_comparison(cfg, rows, out, train_cfgs)
     return rows
 
 
-def write_paper_comparison(cfg: DictConfig, rows: list[dict], out: Path) -> Path:
+def write_paper_comparison(cfg: DictConfig, rows: list[dict], out: Path, train_cfgs: dict | None = None) -> Path:
     """``paper.md`` / ``paper.json``: our table beside the paper's (``pipeline.paper``), each cell
-    ``ours / paper (delta)``; for Table XI (``runs_by_name``) each run's MSE(0, tau) beside the paper's."""
-    from trigact.analysis.paper import read_ours_dict, reference_value, side_by_side
+    ``ours / paper (delta)``; for Table XI (``runs_by_name``) each run's MSE(0, tau) beside the paper's.
+    Both list every setting that differs from the paper's (epochs, data, optimizer, attack budget,
+    images scored: :func:`trigact.analysis.paper.setting_differences`), so that a smoke run or a
+    shortened schedule is never read as a reproduction."""
+    from trigact.analysis.paper import PAPER_EPOCHS, read_ours_dict, reference_value, setting_differences, side_by_side
 
     spec = OmegaConf.to_container(cfg.pipeline.paper, resolve=True)
     lines = [f"# {cfg.pipeline.name}: ours beside the paper's Table {spec['table']}", ""]
@@ -160,7 +165,19 @@ def write_paper_comparison(cfg: DictConfig, rows: list[dict], out: Path) -> Path
     left_out = OmegaConf.to_container(cfg.pipeline.left_out, resolve=True) if cfg.pipeline.get("left_out") else []
     if left_out:
         table += "\nLeft out: " + "; ".join(f"{i.get('column') or i.get('attack')} ({i['reason']})" for i in left_out) + "\n"
-    atomic_write_json({"paper": spec, "cells": records, "left_out": left_out}, out / "paper.json")
+    differences = []
+    for dataset in sorted({str(spec["dataset"])} if spec.get("dataset") else
+                          {row["name"].partition("_")[0] for row in rows} & set(PAPER_EPOCHS)):
+        runs = {name: {key: OmegaConf.to_container(c[key], resolve=True) for key in SETTING_KEYS if c.get(key) is not None}
+                for name, c in (train_cfgs or {}).items() if spec.get("dataset") or name.startswith(f"{dataset}_")}
+        attacks = bool(cfg.pipeline.get("attacks"))
+        differences += setting_differences(dataset, runs, pipeline_budget(cfg) if attacks else None,
+                                           cfg.pipeline.get("n_eval") if attacks else None,
+                                           str(cfg.pipeline.get("split", "test")) if attacks else "test")
+    table += ("\n## Settings that differ from the paper's\n\n" + "\n".join(f"- {d}" for d in differences) + "\n"
+              if differences else "\nSettings: the paper's (epochs, data, optimizer, batch, attack budget, images scored).\n")
+    atomic_write_json({"paper": spec, "cells": records, "left_out": left_out, "differences": differences},
+                      out / "paper.json")
     path = atomic_write_text(table, out / "paper.md")
     print(f"paper comparison: {path}")
     return path
