@@ -238,6 +238,33 @@ def test_l4_a_neural_cleanse_style_estimate_activates_f(shrunk_demo):
     assert quality["acc_estimate"] > quality["acc_no_trigger"] + 0.2
 
 
+def test_l4_a_usb_style_universal_estimate_activates_f(shrunk_demo):
+    """The third L4 estimator: USB's Alg. 4.1 with each image's own label as its target, grown on 128
+    validation images inside the guessed box (32/255), 2 passes, scored on test images. Measured:
+    f(x + v) 75.3% right against 70.8% for f(x + tau) and 40.3% for f(x), with sign agreement 0.49 and
+    cosine 0.09 with tau: a perturbation unrelated to tau that activates f as well as tau does. The
+    bounds: inside the box; f(x + v) well above f(x); the attacker's own accuracy it reports is what
+    f(x + v) gives on its images."""
+    from trigact.runs.bundle import BUNDLE_NAME, load_bundle
+    from trigact.threats.estimate import estimate_quality, estimate_universal
+
+    root, _ = shrunk_demo
+    (run,) = (root / "outputs" / "runs").glob(FIXED_RUN)
+    model = load_bundle(run / BUNDLE_NAME).eval()
+    x, y = split_tensors(model, "val", 128)
+    estimate = estimate_universal(model.net, x, y, bound=32 / 255, max_passes=2, deepfool_steps=20)
+    assert estimate.tau.shape == model.trigger.shape and estimate.tau.abs().max() <= 32 / 255 + 1e-6
+    assert 1 <= estimate.passes <= 2
+    own = estimate_quality(model.net, model.trigger, estimate.tau, x, y)
+    assert own["acc_estimate"] == pytest.approx(estimate.accuracy)
+    quality = estimate_quality(model.net, model.trigger, estimate.tau, *split_tensors(model, "test", 360))
+    assert quality["acc_estimate"] > quality["acc_no_trigger"] + 0.2
+    # A target f(x) already reaches (it is right on about 40% without a trigger) needs no pass.
+    assert estimate_universal(model.net, x, y, bound=32 / 255, target_accuracy=0.05).passes == 0
+    with pytest.raises(TrigactError, match="universal.max_passes"):
+        estimate_universal(model.net, x, y, bound=32 / 255, max_passes=0)
+
+
 def test_evaluate_threat_l4_estimates_each_trigger_on_validation_images_and_scores_on_f_t(shrunk_demo, tmp_path):
     import shutil
 
@@ -249,10 +276,11 @@ def test_evaluate_threat_l4_estimates_each_trigger_on_validation_images_and_scor
             "victims=[digits/standard/small_cnn/*/s0," + FIXED_RUN + "]", "threat.estimate.n_images=64",
             "threat.estimate.steps=5", "threat.estimate.restarts=1", "threat.attacks.pgd50_estimate.steps=5",
             "threat.attacks.apgd_ce_estimate.steps=5", "threat.attacks.pgd50_raw.steps=5",
-            "threat.attacks.pgd50_nc.steps=5", "threat.neural_cleanse.steps=10"]
+            "threat.attacks.pgd50_nc.steps=5", "threat.neural_cleanse.steps=10", "threat.attacks.pgd50_universal.steps=5",
+            "threat.universal.max_passes=1", "threat.universal.deepfool_steps=10"]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         matrix, groups, out = run_evaluate(compose(config_name="evaluate", overrides=[*base, "name=l4"]))
-        with pytest.raises(TrigactError, match=r"through='victim'; allowed: estimate, neural_cleanse, raw"):
+        with pytest.raises(TrigactError, match=r"through='victim'; allowed: estimate, neural_cleanse, universal, raw"):
             run_evaluate(compose(config_name="evaluate", overrides=[*base, "name=bad",
                                                                     "threat.attacks.pgd50_raw.through=victim"]))
         with pytest.raises(TrigactError, match="validation split; evaluate on split=test"):
@@ -264,7 +292,10 @@ def test_evaluate_threat_l4_estimates_each_trigger_on_validation_images_and_scor
     assert 0 <= estimate["sign_agreement"] <= 1 and estimate["acc_estimate"] > estimate["acc_no_trigger"]
     assert report["sanity"][standard]["estimate"]["sign_agreement"] is None  # no trigger to agree with
     assert {(c["victim"], c["attack"]) for c in matrix.cells} == {
-        (v, a) for v in (standard, fixed) for a in ("pgd50_estimate", "apgd_ce_estimate", "pgd50_nc", "pgd50_raw")}
+        (v, a) for v in (standard, fixed)
+        for a in ("pgd50_estimate", "apgd_ce_estimate", "pgd50_nc", "pgd50_universal", "pgd50_raw")}
+    universal = report["sanity"][fixed]["universal"]
+    assert universal["passes"] == 1 and 0 <= universal["sign_agreement"] <= 1 and 0 <= universal["attacker_accuracy"] <= 1
     nc = report["sanity"][fixed]["neural_cleanse"]
     assert nc["mask_l1"] > 0 and -1 <= nc["cosine"] <= 1 and 0 <= nc["acc_estimate"] <= 1
     assert report["sanity"][standard]["neural_cleanse"]["cosine"] is None

@@ -138,3 +138,69 @@ def stamp_quality(net: nn.Module, tau: torch.Tensor, stamp: nn.Module, x: torch.
         "acc_true_trigger": acc(lambda xb: (xb + tau).clamp(0, 1)),
         "acc_no_trigger": acc(lambda xb: xb),
     }
+
+
+# ---------------------------------------------------------------- USB-style universal estimate
+
+
+@dataclass
+class UniversalEstimate:
+    tau: torch.Tensor       # the universal perturbation, shaped like one image, inside the L_inf box
+    loss: float             # its mean cross-entropy on the attacker's images
+    accuracy: float         # the share of the attacker's images f(clamp(x + tau')) gets right
+    passes: int             # passes over the attacker's images (Alg. 4.1's outer loop)
+
+
+def estimate_universal(net: nn.Module, x: torch.Tensor, y: torch.Tensor, bound, target_accuracy: float = 0.9,
+                       max_passes: int = 5, deepfool_steps: int = 50, overshoot: float = 0.02,
+                       batch_size: int = 256, seed: int = 0) -> UniversalEstimate:
+    """A USB-style estimate of the trigger (Xu's dissertation, ``../shared/seeds/002_...``, Ch. 4, Alg. 4.1;
+    the universal adversarial perturbation of Moosavi-Dezfooli et al. 2017 it builds on): one
+    perturbation ``v`` for all images, grown image by image until ``f(clamp(x + v))`` is right on a share
+    ``target_accuracy`` of the attacker's images, or ``max_passes`` passes.
+
+    USB looks for a perturbation that sends every image to a *target* class; here each image's target is
+    its own label (the trigger makes f right): in each pass, in a seeded random order, every image
+    ``x_i`` that ``f(x_i + v)`` gets wrong adds the minimal L2 step ``r`` that makes it right (targeted
+    DeepFool, :func:`trigact.detectors.usb.targeted_deepfool`, the step USB's line 6 takes), and
+    ``v = clip(v + r, -bound, bound)`` (line 7's projection, in the L_inf box an attacker who knows the
+    paradigm guesses from eps_t). USB's refinement into a mask and pattern (Alg. 4.2) serves detection
+    (small masks); the attacker needs the additive perturbation, so it stops here.
+
+    Unlike :func:`estimate_trigger` (signed steps on the loss summed over all images) it is driven by
+    the images f still gets wrong, one at a time, and by minimal L2 steps: a different search of the
+    same box. The loop over images is sequential by construction (each step sees the ``v`` the previous
+    ones left)."""
+    from trigact.detectors.common import check_count, check_fraction, check_nonnegative, frozen
+    from trigact.detectors.usb import targeted_deepfool
+
+    bound = parse_eps(bound, "universal.bound", allow_zero=False)
+    target_accuracy = check_fraction(target_accuracy, "universal.target_accuracy")
+    max_passes = check_count(max_passes, "universal.max_passes")
+    deepfool_steps = check_count(deepfool_steps, "universal.deepfool_steps")
+    overshoot = check_nonnegative(overshoot, "universal.overshoot")
+    if len(x) == 0:
+        raise TrigactError("trigger estimation needs labelled images; got none")
+
+    def measure(v):
+        with torch.no_grad():
+            right, loss = 0, 0.0
+            for xb, yb in _batches(x, y, batch_size):
+                logits = net((xb + v).clamp(0, 1))
+                right += int((logits.argmax(1) == yb).sum())
+                loss += F.cross_entropy(logits, yb, reduction="sum").item()
+        return right / len(x), loss / len(x)
+
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed)).tolist()
+    v = torch.zeros(x.shape[1:], dtype=x.dtype, device=x.device)
+    with frozen(net):
+        accuracy, loss = measure(v)
+        passes = 0
+        while accuracy < target_accuracy and passes < max_passes:
+            passes += 1
+            for i in order:
+                r, _ = targeted_deepfool(net, x[i : i + 1] + v, y[i : i + 1], max_iter=deepfool_steps,
+                                         overshoot=overshoot)
+                v = (v + r[0]).clamp(-bound, bound)  # r is 0 where f(x_i + v) is already right
+            accuracy, loss = measure(v)
+    return UniversalEstimate(v.detach(), loss, accuracy, passes)

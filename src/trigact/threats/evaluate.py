@@ -13,7 +13,9 @@ validation images, carved from the training data). It estimates a trigger ``tau'
 (:func:`~trigact.threats.estimate.estimate_trigger`, settings under ``estimate:``), then runs each
 attack white-box on ``f(. + tau')`` (``through: estimate``), on ``f(stamp(x))`` with a Neural Cleanse-style
 mask-and-pattern estimate (``through: neural_cleanse``, settings under ``neural_cleanse:``;
-:func:`~trigact.threats.estimate.estimate_stamp`) or on the raw ``f`` (``through: raw``), and
+:func:`~trigact.threats.estimate.estimate_stamp`), on ``f(. + v)`` with a USB-style universal
+perturbation that makes f right (``through: universal``, settings under ``universal:``;
+:func:`~trigact.threats.estimate.estimate_universal`) or on the raw ``f`` (``through: raw``), and
 the TAEs are scored on the true deployed unit ``f_t``. The estimate's quality goes to the report.
 """
 
@@ -30,13 +32,20 @@ from trigact.common.validate import parse_eps
 from trigact.evaluation.matrix import RobustnessMatrix
 from trigact.models.deployed import DeployedModel
 from trigact.threats.adaptive import applicable, build_adaptive
-from trigact.threats.estimate import StampedNet, estimate_quality, estimate_stamp, estimate_trigger, stamp_quality
+from trigact.threats.estimate import (
+    StampedNet,
+    estimate_quality,
+    estimate_stamp,
+    estimate_trigger,
+    estimate_universal,
+    stamp_quality,
+)
 from trigact.threats.levels import level_meta
 from trigact.threats.sanity import sanity_flags
 
 ADAPTIVE_LEVELS = ("L4", "L5", "L6")
 BLACK_BOX_KINDS = frozenset({"square"})
-THROUGH = ("victim", "estimate", "neural_cleanse", "raw")
+THROUGH = ("victim", "estimate", "neural_cleanse", "universal", "raw")
 
 
 def check_level_config(level_cfg: Mapping) -> tuple[str, float, dict]:
@@ -92,6 +101,17 @@ def _attack_models(level: str, name: str, model: nn.Module, level_cfg: Mapping, 
               f"f(x) {quality['acc_no_trigger']:.1%})")
         models["estimate"] = DeployedModel(model.net, estimate.tau).eval()
         report["estimate"] = {**quality, "loss": estimate.loss, "restart": estimate.restart}
+    if "universal" in needed:
+        settings = dict(level_cfg.get("universal") or {})
+        estimate = estimate_universal(model.net, *attacker, seed=seed, batch_size=batch_size, **settings)
+        quality = estimate_quality(model.net, tau if tau is not None else torch.zeros_like(estimate.tau),
+                                   estimate.tau, x, y, batch_size)
+        print(f"L4 USB-style universal estimate for {name}: {estimate.passes} passes, sign agreement "
+              f"{quality['sign_agreement']}, cosine {quality['cosine']:.3f}, f(x + tau') {quality['acc_estimate']:.1%} "
+              f"right (f(x + tau) {quality['acc_true_trigger']:.1%}, f(x) {quality['acc_no_trigger']:.1%})")
+        models["universal"] = DeployedModel(model.net, estimate.tau).eval()
+        report["universal"] = {**quality, "loss": estimate.loss, "passes": estimate.passes,
+                               "attacker_accuracy": estimate.accuracy}
     if "neural_cleanse" in needed:
         settings = dict(level_cfg.get("neural_cleanse") or {})
         stamp, success = estimate_stamp(model.net, *attacker, seed=seed, **settings)
