@@ -175,6 +175,10 @@ def test_the_theory_command_on_the_demo_pipeline(shrunk_demo, tmp_path):
         assert row["holds"] == (row["ce_adv"] <= row["bound"])
     for row in report["theorem1"]:
         assert 0 <= row["sign_agreement"] <= 1 and row["n_train"] == 200
+    # The pipeline recorded which bank each cell used (banks.json); theory read exactly those.
+    recorded = {(b["surrogate"], b["attack"]): str(Path(b["bank"])) for b in json.loads((results / "banks.json").read_text())}
+    assert set(recorded) == set(pairs)
+    assert all(str(Path(row["bank"])) == recorded[(row["surrogate"], row["attack"])] for row in report["theorem2"])
     csv_lines = (out / "theory.csv").read_text().splitlines()
     assert len(csv_lines) == 1 + len(report["theorem1"]) + len(report["theorem2"])
 

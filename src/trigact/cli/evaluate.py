@@ -30,7 +30,7 @@ from trigact.common.tracking import job_run, log_tables
 from trigact.common.validate import check_n_eval, check_name, check_seed, check_split, check_steps
 from trigact.evaluation.budgets import load_at_budgets
 from trigact.evaluation.crafting import data_config_of, evaluation_images
-from trigact.evaluation.tables import robustness_tables, write_results
+from trigact.evaluation.tables import bank_rows, robustness_tables, write_results
 from trigact.evaluation.victims import defend, evaluate_victims, victim_record
 from trigact.runs import register_resolvers
 from trigact.runs.selection import as_dict, compose_train, find_runs, plain, select, unique_labels
@@ -68,6 +68,7 @@ def run_evaluate(cfg: DictConfig):
     matrix = evaluate_victims(victims, surrogates, banks, allow_whitebox=bool(cfg.allow_whitebox),
                            batch_size=batch_size, victim_runs=runs)
     out = write_results(matrix, groups, records, cfg.results_dir, intervals=bool(cfg.get("intervals", False)))
+    atomic_write_json(bank_rows(banks), Path(out) / "banks.json")  # which bank each (surrogate, attack) cell used
     run = job_run(cfg, "eval", f"eval-{Path(out).name}", out)
     if run is not None:
         log_tables(run, robustness_tables(matrix, groups, records))

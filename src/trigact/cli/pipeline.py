@@ -422,6 +422,7 @@ def transfer_matrix(cfg: DictConfig, train_cfgs: dict, entries, images, out: Pat
         pipeline_budget(cfg),
         seed=cfg.seed, n_eval=n_eval, split=split, skip=set(skip),
     )
+    atomic_write_json(bank_rows(banks), out / "banks.json")  # which bank each (surrogate, attack) cell used
     if cfg.get("wandb") and cfg.wandb.enabled:
         run = job_run(OmegaConf.merge(cfg, {"wandb": {"group": wandb_group(cfg)}}), "attack",
                       f"attack-{cfg.pipeline.name}", out)

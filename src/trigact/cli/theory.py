@@ -3,12 +3,12 @@ measured on the trigger victims of a ``trigact.pipeline`` or ``trigact.evaluate`
 (what is computed, and the paper's statements: :mod:`trigact.analysis.theory`).
 
 The results folder gives the victims (``victims.json``: name, bundle, defense) and the cells they were
-scored on (``matrix.csv``: victim, surrogate, attack, accuracy, n). It does not record the banks'
-paths, so the banks are found:
+scored on (``matrix.csv``: victim, surrogate, attack, accuracy, n). The banks are found:
 
-- ``banks=null`` (default): every bank under ``bank_root`` (default: two levels above the results
-  folder, the ``output_dir`` holding ``pipeline/<name>`` or ``evaluate/<name>``), ``advbank/<dataset>``,
-  matched to each (surrogate, attack) cell of ``matrix.csv`` by its ``meta.json``: the attack (and the
+- ``banks=null`` (default): the banks the folder's ``banks.json`` names (pipeline and evaluate write
+  it: exactly the banks its cells were scored on), else every bank under ``bank_root`` (default: two
+  levels above the results folder, the ``output_dir`` holding ``pipeline/<name>`` or
+  ``evaluate/<name>``), ``advbank/<dataset>``; either way matched to each (surrogate, attack) cell of ``matrix.csv`` by its ``meta.json``: the attack (and the
   ``@k/255`` budget of a budget sweep), the number of images, and the surrogate (its bundle, as
   ``runs.json`` of a pipeline names it, or its registry id or run label). When several banks fit a cell
   (e.g. crafted with different seeds), the one on which each victim's accuracy reproduces
@@ -106,6 +106,20 @@ def _bank_folders(pattern: str) -> list[Path]:
     return found
 
 
+def _recorded_banks(results: Path) -> list[Path] | None:
+    """The bank folders a results folder's ``banks.json`` names (pipeline and evaluate write it), or None
+    when it has none or one of them is gone (then the banks are searched for)."""
+    path = results / "banks.json"
+    if not path.is_file():
+        return None
+    try:
+        rows = json.loads(path.read_text())
+        folders = [Path(str(row["bank"])) for row in rows]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None
+    return folders if folders and all((f / "meta.json").is_file() for f in folders) else None
+
+
 def bank_candidates(cfg: DictConfig, results: Path, dataset: str) -> tuple[list[tuple[Path, dict]], bool]:
     """``([(folder, meta)], explicit)``: the banks named by ``banks=[...]`` (explicit), or every bank
     under ``<bank_root>/advbank/<dataset>``."""
@@ -119,8 +133,12 @@ def bank_candidates(cfg: DictConfig, results: Path, dataset: str) -> tuple[list[
             folders += found
         explicit = True
     else:
-        root = Path(cfg.bank_root) if cfg.get("bank_root") else results.resolve().parent.parent
-        folders = _bank_folders(str(root / "advbank" / dataset))
+        recorded = _recorded_banks(results)
+        if recorded is not None:  # banks.json: the very banks the results were scored on
+            folders = recorded
+        else:
+            root = Path(cfg.bank_root) if cfg.get("bank_root") else results.resolve().parent.parent
+            folders = _bank_folders(str(root / "advbank" / dataset))
         explicit = False
     out, seen = [], set()
     for folder in folders:
