@@ -202,6 +202,16 @@ def test_named_banks_and_bad_input(shrunk_demo, tmp_path):
     done = run_theory(config(f"results={results}", f"banks=['{banks}']"))
     assert {r["attack"] for r in done["theorem2"]} == {"pgd"} and len(done["theorem2"]) == 4
     assert all(r["acc_adv"] == pytest.approx(r["acc_matrix"]) for r in done["theorem2"])
+    # banks.json is read as is: with nothing to search (an empty bank_root) every cell still finds its bank,
+    # and without banks.json the same setting finds none.
+    (tmp_path / "empty").mkdir()
+    found = run_theory(config(f"results={results}", f"bank_root={tmp_path / 'empty'}"))
+    assert len(found["theorem2"]) == 8
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("victims.json", "matrix.csv", "runs.json"):
+        (bare / name).write_bytes((results / name).read_bytes())
+    assert run_theory(config(f"results={bare}", f"bank_root={tmp_path / 'empty'}"))["theorem2"] == []
     with pytest.raises(TrigactError, match="matches no TAE bank"):
         run_theory(config(f"results={results}", f"banks=['{root}/nothing-*']"))
     with pytest.raises(TrigactError, match="has no victims.json"):

@@ -63,6 +63,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trigact.common.devices import model_device
+
 # The share of coordinates on which a random sign trigger, drawn independently of f, agrees with -sign(g).
 RANDOM_AGREEMENT = 0.5
 
@@ -70,12 +72,6 @@ RANDOM_AGREEMENT = 0.5
 def _batches(n: int, batch_size: int):
     for start in range(0, n, batch_size):
         yield slice(start, min(start + batch_size, n))
-
-
-def _device(net: nn.Module) -> torch.device:
-    for tensor in (*net.parameters(), *net.buffers()):
-        return tensor.device
-    return torch.device("cpu")
 
 
 def gradient_pass(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256,
@@ -89,7 +85,7 @@ def gradient_pass(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, ba
     """
     was_training = net.training
     net.eval()
-    device = _device(net)
+    device = model_device(net)
     n = int(labels.shape[0])
     g = torch.zeros(images.shape[1:], dtype=torch.float64)
     ce_sum, correct, first_order_sum, classes = 0.0, 0, 0.0, None
@@ -141,7 +137,7 @@ def mean_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batc
     """``(mean CE, accuracy)`` of ``model`` (eval mode) on ``images``."""
     was_training = model.training
     model.eval()
-    device = _device(model)
+    device = model_device(model)
     ce, correct = 0.0, 0
     try:
         for part in _batches(int(labels.shape[0]), batch_size):
@@ -264,7 +260,7 @@ def theorem2_rows(name: str, model, g: torch.Tensor, banks: Mapping, batch_size:
         ce_clean, acc_clean = clean_losses(name, model, bank, batch_size)
         with torch.no_grad():
             was_training = model.training
-            classes = int(model.eval()(bank.x_clean[:1].to(_device(model))).shape[1])
+            classes = int(model.eval()(bank.x_clean[:1].to(model_device(model))).shape[1])
             model.train(was_training)
         log_c = math.log(classes)
         bound = eps / eps_t * log_c

@@ -77,6 +77,16 @@ def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
                       for i in range(0, len(x), batch_size)])
 
 
+def _additive_stand_in(label: str, name: str, net: nn.Module, tau, estimate: torch.Tensor, x, y,
+                       batch_size: int) -> tuple[nn.Module, dict]:
+    """``f(. + tau')`` for an additive trigger estimate, and its quality against the true tau (printed)."""
+    quality = estimate_quality(net, tau if tau is not None else torch.zeros_like(estimate), estimate, x, y, batch_size)
+    print(f"L4 {label} for {name}: sign agreement {quality['sign_agreement']}, cosine {quality['cosine']:.3f}, "
+          f"f(x + tau') {quality['acc_estimate']:.1%} right (f(x + tau) {quality['acc_true_trigger']:.1%}, "
+          f"f(x) {quality['acc_no_trigger']:.1%})")
+    return DeployedModel(net, estimate).eval(), quality
+
+
 def _attack_models(level: str, name: str, model: nn.Module, level_cfg: Mapping, attacks: Mapping, attacker,
                    seed: int, batch_size: int, x, y) -> tuple[dict, dict]:
     """``through -> model the attack differentiates``, and what the report keeps (L4's estimate)."""
@@ -94,22 +104,13 @@ def _attack_models(level: str, name: str, model: nn.Module, level_cfg: Mapping, 
         settings = dict(level_cfg.get("estimate") or {})
         settings.pop("n_images", None)
         estimate = estimate_trigger(model.net, *attacker, seed=seed, batch_size=batch_size, **settings)
-        quality = estimate_quality(model.net, tau if tau is not None else torch.zeros_like(estimate.tau),
-                                   estimate.tau, x, y, batch_size)
-        print(f"L4 estimate for {name}: sign agreement {quality['sign_agreement']}, cosine {quality['cosine']:.3f}, "
-              f"f(x + tau') {quality['acc_estimate']:.1%} right (f(x + tau) {quality['acc_true_trigger']:.1%}, "
-              f"f(x) {quality['acc_no_trigger']:.1%})")
-        models["estimate"] = DeployedModel(model.net, estimate.tau).eval()
+        models["estimate"], quality = _additive_stand_in("estimate", name, model.net, tau, estimate.tau, x, y, batch_size)
         report["estimate"] = {**quality, "loss": estimate.loss, "restart": estimate.restart}
     if "universal" in needed:
         settings = dict(level_cfg.get("universal") or {})
         estimate = estimate_universal(model.net, *attacker, seed=seed, batch_size=batch_size, **settings)
-        quality = estimate_quality(model.net, tau if tau is not None else torch.zeros_like(estimate.tau),
-                                   estimate.tau, x, y, batch_size)
-        print(f"L4 USB-style universal estimate for {name}: {estimate.passes} passes, sign agreement "
-              f"{quality['sign_agreement']}, cosine {quality['cosine']:.3f}, f(x + tau') {quality['acc_estimate']:.1%} "
-              f"right (f(x + tau) {quality['acc_true_trigger']:.1%}, f(x) {quality['acc_no_trigger']:.1%})")
-        models["universal"] = DeployedModel(model.net, estimate.tau).eval()
+        label = f"USB-style universal estimate ({estimate.passes} passes)"
+        models["universal"], quality = _additive_stand_in(label, name, model.net, tau, estimate.tau, x, y, batch_size)
         report["universal"] = {**quality, "loss": estimate.loss, "passes": estimate.passes,
                                "attacker_accuracy": estimate.accuracy}
     if "neural_cleanse" in needed:
