@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+import safetensors.torch
 import torch
 import yaml
 from hydra import compose, initialize_config_dir
@@ -254,8 +255,8 @@ def test_pipeline_and_evaluate_write_the_same_table_clean_row_included(shrunk_de
     from trigact.evaluation.bank import dequantize, quantize
 
     root, _ = shrunk_demo
-    bank = next((root / "outputs" / "advbank").rglob("bank.pt"))
-    clean = torch.load(bank, weights_only=True)["x_clean"]
+    bank = next((root / "outputs" / "advbank").rglob("bank.safetensors"))
+    clean = safetensors.torch.load_file(bank)["x_clean"]
     dm = DigitsDataModule(image_size=16)  # the demo's data
     dm.setup()
     test_images = torch.stack([dm.test_set[i][0] for i in range(len(clean))])

@@ -8,6 +8,7 @@ import os
 import time
 
 import pytest
+import safetensors.torch
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -15,12 +16,17 @@ from trigact.attacks import build_attack
 from trigact.common.errors import TrigactError
 from trigact.evaluation.bank import (
     BANK_FILE,
+    FORMAT_VERSION,
+    LEGACY_BANK_FILE,
     META_FILE,
+    Bank,
     bank_dir,
     bank_key,
     bank_path,
+    dequantize,
     ensure_bank,
     eps_tag,
+    file_sha256,
     key_hash,
     load_bank,
 )
@@ -98,7 +104,7 @@ def test_round_trip(tmp_path, setup):
     path = bank_path(tmp_path, default_key(setup))
     assert bank.path == path and len(bank) == 20
 
-    raw = torch.load(path / BANK_FILE, weights_only=True)
+    raw = safetensors.torch.load_file(path / BANK_FILE)
     assert raw["x_adv"].dtype == torch.uint8 and raw["x_clean"].dtype == torch.uint8
     assert raw["y"].dtype == torch.int64 and raw["x_adv"].shape == (20, 1, 16, 16)
     assert torch.equal(raw["y"], torch.cat([b[1] for b in setup[2]]))
@@ -135,7 +141,7 @@ def test_whitebox_rate_matches_stored_images(tmp_path, setup):
     model.train()  # the bank must evaluate in eval mode and restore the mode
     bank = make(tmp_path, setup)
     assert model.training
-    raw = torch.load(bank.path / BANK_FILE, weights_only=True)
+    raw = safetensors.torch.load_file(bank.path / BANK_FILE)
     model.eval()
     with torch.no_grad():
         pred_adv = model(raw["x_adv"].float() / 255).argmax(1)
@@ -181,29 +187,26 @@ def test_a_folder_whose_meta_has_another_key_is_an_error(tmp_path, setup):
 def test_sha256_is_of_the_bytes_written(tmp_path, setup, monkeypatch):
     """The meta vouches for the data this process wrote, not for whatever the file holds later.
 
-    Another writer's file lands under bank.pt right after ours (what two unlocked crafters did):
-    the sha256 must then disagree with the file, so the bank reads as corrupt instead of as ours.
+    Another writer's file lands under bank.safetensors right after ours (what two unlocked crafters
+    did): the sha256 must then disagree with the file, so the bank reads as corrupt instead of as ours.
     """
     real_replace = os.replace
-    foreign = io.BytesIO()
-    torch.save({"x_adv": torch.zeros(20, 1, 16, 16, dtype=torch.uint8),
-                "x_clean": torch.zeros(20, 1, 16, 16, dtype=torch.uint8),
-                "y": torch.zeros(20, dtype=torch.int64)}, foreign)
+    foreign = safetensors.torch.save({"x_adv": torch.zeros(20, 1, 16, 16, dtype=torch.uint8),
+                                      "x_clean": torch.zeros(20, 1, 16, 16, dtype=torch.uint8),
+                                      "y": torch.zeros(20, dtype=torch.int64)})
 
     def replace_then_overwrite(src, dst):
         real_replace(src, dst)
         if os.path.basename(dst) == BANK_FILE:
             with open(dst, "wb") as f:
-                f.write(foreign.getvalue())
+                f.write(foreign)
 
     monkeypatch.setattr(os, "replace", replace_then_overwrite)
     bank = make(tmp_path, setup)
     monkeypatch.undo()
-    written = io.BytesIO()
-    torch.save({"x_adv": (bank.x_adv * 255).round().to(torch.uint8),
-                "x_clean": (bank.x_clean * 255).round().to(torch.uint8), "y": bank.y}, written)
-    assert bank.meta["file"]["sha256"] == hashlib.sha256(written.getvalue()).hexdigest()
-    assert bank.meta["file"]["sha256"] != hashlib.sha256(foreign.getvalue()).hexdigest()
+    written = safetensors.torch.save({"x_adv": bank.q_adv, "x_clean": bank.q_clean, "y": bank.y})
+    assert bank.meta["file"]["sha256"] == hashlib.sha256(written).hexdigest()
+    assert bank.meta["file"]["sha256"] != hashlib.sha256(foreign).hexdigest()
     with pytest.raises(TrigactError, match="sha256|truncated"):
         load_bank(bank.path)
 
@@ -264,12 +267,15 @@ def test_leftover_temp_files(tmp_path, setup):
     path = bank_path(tmp_path, default_key(setup))
     path.mkdir(parents=True)
     old = path / f".{BANK_FILE}.abc123.tmp"
+    old_legacy = path / f".{LEGACY_BANK_FILE}.abc456.tmp"  # from a writer of format 2
     fresh = path / f".{META_FILE}.def456.tmp"
     old.write_bytes(b"half a bank")
+    old_legacy.write_bytes(b"half an old bank")
     fresh.write_bytes(b"{")
-    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    for stale in (old, old_legacy):
+        os.utime(stale, (time.time() - 7200, time.time() - 7200))
     bank = _recomputes(tmp_path, setup)
-    assert not old.exists()  # a killed writer's leftover is cleaned up
+    assert not old.exists() and not old_legacy.exists()  # a killed writer's leftovers are cleaned up
     assert fresh.exists()  # a recent one may belong to a live writer
     # A complete bank beside a temp file is still reused.
     counter = CountingAttack(setup[1])
@@ -327,6 +333,280 @@ def test_progress_bar_counts_images_to_the_total(tmp_path, setup, monkeypatch):
     make(tmp_path / "quiet", setup, progress=False)
     assert bars[0].disable and bars[0].console.file.getvalue() == ""
 
+
+# --------------------------------------------- format 3 (safetensors, memory-mapped) and format 2
+
+
+def _mapped_from(tensor, file) -> bool:
+    """Whether ``tensor``'s data lies in a memory mapping of ``file`` (Linux: /proc/self/maps)."""
+    ptr, ino = tensor.data_ptr(), os.stat(file).st_ino
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            parts = line.split()
+            low, high = (int(v, 16) for v in parts[0].split("-"))
+            if low <= ptr < high:
+                return int(parts[4]) == ino and parts[-1] == str(file)
+    return False
+
+
+needs_proc = pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads /proc/self/maps (Linux)")
+
+
+def test_a_new_bank_is_uint8_safetensors_and_batches_dequantize_it(tmp_path, setup):
+    made = make(tmp_path, setup)
+    path = made.path
+    assert sorted(p.name for p in path.iterdir() if not p.name.startswith(".")) == [BANK_FILE, META_FILE]
+    assert BANK_FILE == "bank.safetensors" and FORMAT_VERSION == 3
+    meta = json.loads((path / META_FILE).read_text())
+    assert meta["format_version"] == 3 and meta["file"]["name"] == BANK_FILE
+    raw = safetensors.torch.load_file(path / BANK_FILE)
+    assert {k: (v.dtype, tuple(v.shape)) for k, v in raw.items()} == {
+        "x_adv": (torch.uint8, (20, 1, 16, 16)), "x_clean": (torch.uint8, (20, 1, 16, 16)), "y": (torch.int64, (20,))}
+
+    loaded = load_bank(path)
+    for bank in (made, loaded):  # the crafted bank keeps uint8 too: nothing is dequantized as a whole
+        assert bank.q_adv.dtype == torch.uint8 and bank.q_clean.dtype == torch.uint8 and bank.y.dtype == torch.int64
+        assert torch.equal(bank.q_adv, raw["x_adv"]) and torch.equal(bank.q_clean, raw["x_clean"])
+    for clean, q in ((False, raw["x_adv"]), (True, raw["x_clean"])):
+        batches = list(loaded.batches(8, clean=clean))
+        assert [len(y) for _, y in batches] == [8, 8, 4]
+        x = torch.cat([b[0] for b in batches])
+        assert x.dtype == torch.float32 and x.device.type == "cpu"
+        assert torch.equal(x, dequantize(q)) and torch.equal(x, q.float() / 255)  # exactly, not approximately
+        assert torch.equal(torch.cat([b[1] for b in batches]), raw["y"])
+    assert torch.equal(next(iter(loaded.batches(4, device="cpu")))[0], dequantize(raw["x_adv"][:4]))
+    # x_adv / x_clean: whole float copies, for the callers that want them.
+    assert torch.equal(loaded.x_adv, dequantize(raw["x_adv"]))
+    assert torch.equal(loaded.x_clean, dequantize(raw["x_clean"]))
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(TrigactError, match="batch_size"):
+            loaded.batches(bad)
+
+
+@needs_proc
+def test_a_loaded_bank_is_memory_mapped_and_copy_on_write(tmp_path, setup):
+    bank = make(tmp_path, setup)
+    for name in ("q_adv", "q_clean", "y"):
+        assert _mapped_from(getattr(load_bank(bank.path), name), bank.path / BANK_FILE), name
+    assert not _mapped_from(bank.q_adv, bank.path / BANK_FILE)  # the check does tell the two apart
+    loaded = load_bank(bank.path)
+    loaded.q_adv[0] += 1  # a private mapping: the caller's change never reaches the file
+    assert file_sha256(bank.path / BANK_FILE) == bank.meta["file"]["sha256"]
+    assert torch.equal(load_bank(bank.path).q_adv, bank.q_adv)
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
+
+
+@needs_proc
+def test_loading_a_big_bank_costs_far_less_memory_than_its_size(tmp_path):
+    """A 200 MB bank: hashing streams it and mapping reads no pixels, so the process grows by a few
+    MB (the old load held the bytes, the tensors and a float copy: over 1 GB here)."""
+    import gc
+
+    n = 1000  # 2 x 1000 x 3 x 184 x 184 bytes = 203 MB
+    path = tmp_path / "big"
+    path.mkdir()
+    q = torch.arange(184 * 184 * 3, dtype=torch.int32).remainder(251).to(torch.uint8).reshape(1, 3, 184, 184)
+    tensors = {"x_adv": q.expand(n, -1, -1, -1).contiguous(), "x_clean": q.expand(n, -1, -1, -1).contiguous(),
+               "y": torch.arange(n, dtype=torch.int64)}
+    safetensors.torch.save_file(tensors, path / BANK_FILE)
+    del tensors
+    gc.collect()
+    size = (path / BANK_FILE).stat().st_size
+    assert size > 200e6
+    (path / META_FILE).write_text(json.dumps(
+        {"format_version": 3, "file": {"name": BANK_FILE, "sha256": file_sha256(path / BANK_FILE), "bytes": size}}))
+    before = _rss_mb()
+    bank = load_bank(path)
+    grown = _rss_mb() - before
+    assert grown < 40, f"loading a {size / 1e6:.0f} MB bank grew RSS by {grown:.0f} MB"
+    assert _mapped_from(bank.q_adv, path / BANK_FILE)
+    x, y = next(iter(bank.batches(2)))  # the pixels are there when read
+    assert torch.equal(x, dequantize(q.expand(2, -1, -1, -1))) and y.tolist() == [0, 1]
+
+
+def _write_legacy_bank(path, key, q_adv, q_clean, y, **file_extra) -> dict:
+    """A format-2 bank exactly as the old code wrote it: torch.save of the uint8 tensors to bank.pt,
+    then meta.json with the sha256 and size of bank.pt."""
+    buffer = io.BytesIO()
+    torch.save({"x_adv": q_adv, "x_clean": q_clean, "y": y}, buffer)
+    raw = buffer.getvalue()
+    path.mkdir(parents=True, exist_ok=True)
+    (path / LEGACY_BANK_FILE).write_bytes(raw)
+    meta = {"key": key, "key_hash": key_hash(key), "format_version": 2, "n": len(y), "eps": EPS,
+            "file": {"name": LEGACY_BANK_FILE, "sha256": hashlib.sha256(raw).hexdigest(), "bytes": len(raw),
+                     **file_extra}}
+    (path / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    return meta
+
+
+def _legacy_tensors(n=20):
+    g = torch.Generator().manual_seed(5)
+    q_clean = torch.randint(0, 256, (n, 1, 16, 16), dtype=torch.uint8, generator=g)
+    q_adv = (q_clean.int() + torch.randint(-8, 9, q_clean.shape, generator=g)).clamp(0, 255).to(torch.uint8)
+    return q_adv, q_clean, torch.randint(0, 10, (n,), generator=g)
+
+
+def test_an_old_format_bank_loads_and_is_reused_without_crafting(tmp_path, setup, capsys):
+    key = default_key(setup)
+    path = bank_path(tmp_path, key)  # the same folder as before the format change: the key is unchanged
+    q_adv, q_clean, y = _legacy_tensors()
+    meta = _write_legacy_bank(path, key, q_adv, q_clean, y)
+    mtimes = {p.name: p.stat().st_mtime_ns for p in path.iterdir()}
+
+    loaded = load_bank(path, key)
+    assert loaded.meta == meta and len(loaded) == 20
+    assert loaded.q_adv.dtype == torch.uint8 and torch.equal(loaded.q_adv, q_adv)
+    assert torch.equal(loaded.q_clean, q_clean) and torch.equal(loaded.y, y)
+    assert torch.equal(torch.cat([x for x, _ in loaded.batches(8)]), dequantize(q_adv))
+    if os.path.exists("/proc/self/maps"):
+        assert _mapped_from(loaded.q_adv, path / LEGACY_BANK_FILE)  # mapped as well (torch.load mmap=True)
+
+    def must_not_craft(x, y):
+        raise AssertionError("a complete format-2 bank was crafted again")
+
+    capsys.readouterr()
+    reused = make(tmp_path, setup, attack_fn=must_not_craft)
+    assert "reusing" in capsys.readouterr().out and reused.path == path
+    assert torch.equal(reused.q_adv, q_adv) and reused.meta == meta
+    assert {p.name: p.stat().st_mtime_ns for p in path.iterdir()} == mtimes  # nothing written or converted
+    assert not (path / BANK_FILE).exists()
+
+    # A format-2 meta without file.name (it only ever named bank.pt) reads the same.
+    del meta["file"]["name"]
+    (path / META_FILE).write_text(json.dumps(meta))
+    assert torch.equal(load_bank(path).q_clean, q_clean)
+
+
+def test_a_corrupt_old_format_bank_is_crafted_again_in_the_new_format(tmp_path, setup):
+    key = default_key(setup)
+    path = bank_path(tmp_path, key)
+    _write_legacy_bank(path, key, *_legacy_tensors())
+    raw = (path / LEGACY_BANK_FILE).read_bytes()
+    (path / LEGACY_BANK_FILE).write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(TrigactError, match="truncated") as err:
+        load_bank(path)
+    assert "\n" not in str(err.value) and str(path / LEGACY_BANK_FILE) in str(err.value)
+    bank = _recomputes(tmp_path, setup)
+    assert bank.meta["file"]["name"] == BANK_FILE and not (path / LEGACY_BANK_FILE).exists()
+
+
+def test_a_stale_data_file_of_either_format_is_removed(tmp_path, setup, capsys):
+    path = bank_path(tmp_path, default_key(setup))
+    path.mkdir(parents=True)
+    (path / LEGACY_BANK_FILE).write_bytes(b"an old bank without its meta")
+    (path / BANK_FILE).write_bytes(b"a new bank without its meta")
+    _recomputes(tmp_path, setup)
+    out = capsys.readouterr().out
+    assert f"{path / LEGACY_BANK_FILE} has no {META_FILE}" in out and f"{path / BANK_FILE} has no {META_FILE}" in out
+    assert sorted(p.name for p in path.iterdir() if not p.name.startswith(".")) == [BANK_FILE, META_FILE]
+
+
+def _rewrite_consistently(path, raw: bytes) -> None:
+    """Replace the data file and make meta.json vouch for it (a bad file that passes the sha256)."""
+    (path / BANK_FILE).write_bytes(raw)
+    meta = json.loads((path / META_FILE).read_text())
+    meta["file"].update(sha256=hashlib.sha256(raw).hexdigest(), bytes=len(raw))
+    (path / META_FILE).write_text(json.dumps(meta))
+
+
+def test_bad_data_files_fail_in_one_line(tmp_path, setup):
+    bank = make(tmp_path, setup)
+    path, data = bank.path, bank.path / BANK_FILE
+    good, meta = data.read_bytes(), (path / META_FILE).read_text()
+    cases = [
+        (good[:-10], "truncated", False),  # truncated: the size disagrees
+        (good[:50] + bytes([good[50] ^ 0xFF]) + good[51:], "sha256 does not match", False),  # a flipped header byte
+        (b"\xff" * 64, "cannot load", True),  # not a safetensors file, yet the meta vouches for it
+        (good[:-10], "cannot load", True),  # truncated, and the meta says so too
+        (safetensors.torch.save({"x_adv": bank.q_adv.float(), "x_clean": bank.q_clean, "y": bank.y}),
+         "expected uint8", True),
+        (safetensors.torch.save({"x_adv": bank.q_adv, "y": bank.y}), "expected a dict with x_adv, x_clean, y", True),
+    ]
+    for raw, message, consistent in cases:
+        (path / META_FILE).write_text(meta)
+        if consistent:
+            _rewrite_consistently(path, raw)
+        else:
+            data.write_bytes(raw)
+        with pytest.raises(TrigactError, match=message) as err:
+            load_bank(path)
+        assert "\n" not in str(err.value) and str(data) in str(err.value), message
+    # A meta.json naming another file is refused, never followed.
+    (path / META_FILE).write_text(meta.replace(f'"name": "{BANK_FILE}"', '"name": "../../elsewhere.pt"'))
+    with pytest.raises(TrigactError, match="file.name='../../elsewhere.pt' is not one of"):
+        load_bank(path)
+    data.unlink()
+    (path / META_FILE).write_text(meta)
+    with pytest.raises(TrigactError, match=f"{BANK_FILE} is missing"):
+        load_bank(path)
+
+
+def test_a_hand_built_bank_keeps_its_floats():
+    x = torch.rand(5, 1, 2, 2, dtype=torch.float64)  # off the 1/255 grid: must not be quantized
+    bank = Bank(x_adv=x, x_clean=x / 2, y=torch.arange(5), meta={}, path=None)
+    assert bank.q_adv is None and bank.x_adv is x and len(bank) == 5
+    assert torch.equal(torch.cat([b for b, _ in bank.batches(2, clean=True)]), x / 2)
+    for kwargs, message in ((dict(x_adv=x, q_adv=torch.zeros(5, 1, 2, 2, dtype=torch.uint8), x_clean=x), "exactly one"),
+                            (dict(q_adv=x, x_clean=x), "q_adv must be uint8"),
+                            (dict(x_adv=(x * 255).to(torch.uint8), x_clean=x), "x_adv must be float")):
+        with pytest.raises(TrigactError, match=message):
+            Bank(y=torch.arange(5), **kwargs)
+
+
+def test_scoring_a_bank_never_makes_a_float_copy_of_it(tmp_path, setup, monkeypatch):
+    """evaluate_victims / evaluate_matrix score a loaded bank batch by batch from its uint8 images: the
+    same numbers as on its float images, without ever touching the whole-bank float properties."""
+    from types import SimpleNamespace
+
+    from trigact.evaluation.crafting import check_same_images
+    from trigact.evaluation.matrix import check_aligned_banks, evaluate_matrix
+    from trigact.evaluation.victims import evaluate_victims
+
+    model = setup[0].eval()
+    bank = load_bank(make(tmp_path, setup).path)
+    floats = SimpleNamespace(x_adv=bank.x_adv, x_clean=bank.x_clean, y=bank.y)
+    clean_floats = [(floats.x_clean[i:i + 8], floats.y[i:i + 8]) for i in range(0, 20, 8)]
+    expected = evaluate_matrix({"v": model}, {("s", "pgd"): floats}, clean_batches=clean_floats, batch_size=8)
+
+    def no_float_copy(self):
+        raise AssertionError("a float copy of a whole bank was made")
+
+    monkeypatch.setattr(Bank, "x_adv", property(no_float_copy))
+    monkeypatch.setattr(Bank, "x_clean", property(no_float_copy))
+    banks = {("s", "pgd"): bank, ("s", "other"): load_bank(bank.path)}
+    check_same_images(banks)
+    got = evaluate_victims({"v": model}, {"s": model}, banks, batch_size=8, victim_runs={})
+    assert got.clean == expected.clean and got.clean_n == expected.clean_n
+    assert [c["accuracy"] for c in got.cells] == [expected.cells[0]["accuracy"]] * 2
+    assert torch.equal(got.per_image[("v", "s", "pgd")], expected.per_image[("v", "s", "pgd")])
+
+    other = load_bank(bank.path)
+    other.q_clean = other.q_clean.clone()
+    other.q_clean[3, 0, 0, 0] ^= 1  # one pixel of one clean image differs
+    for check in (check_aligned_banks, check_same_images):
+        with pytest.raises(TrigactError, match="hold different clean images"):
+            check({("s", "pgd"): bank, ("s", "other"): other})
+
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_batches_on_cuda_are_the_same_pixels_and_the_same_scores(tmp_path, setup):
+    """On a GPU: each uint8 batch goes through pinned memory to the device, and is dequantized there
+    to exactly the values the CPU gives; a victim on the GPU scores a bank as it does on the CPU."""
+    from trigact.evaluation.matrix import evaluate_matrix
+
+    bank = load_bank(make(tmp_path, setup).path)
+    batches = list(bank.batches(8, device="cuda"))
+    assert all(x.device.type == "cuda" and y.device.type == "cuda" for x, y in batches)
+    assert torch.equal(torch.cat([x for x, _ in batches]).cpu(), dequantize(bank.q_adv))
+    model = setup[0].eval()
+    on_cpu = evaluate_matrix({"v": model}, {("s", "pgd"): bank}, batch_size=8)
+    on_gpu = evaluate_matrix({"v": model.cuda()}, {("s", "pgd"): bank}, batch_size=8)
+    assert torch.equal(on_gpu.per_image[("v", "s", "pgd")], on_cpu.per_image[("v", "s", "pgd")])
 
 # ------------------------------------------------------------------ one bank per request (transfer)
 

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import safetensors.torch
 import torch
 from hydra import compose, initialize_config_dir
 
@@ -142,9 +143,9 @@ def test_the_search_objectives_banks_hold_no_test_image(shrunk_demo, tmp_path):
     dm.setup()
     test = quantize(torch.stack([x for x, _ in dm.test_set])).flatten(1)
     val = quantize(torch.stack([dm.val_set[i][0] for i in range(30)]))
-    banks = list((tmp_path / "outputs" / "advbank").rglob("bank.pt"))
+    banks = list((tmp_path / "outputs" / "advbank").rglob("bank.safetensors"))
     assert len(banks) == 2  # one per surrogate
     for path in banks:
-        clean = torch.load(path, weights_only=True)["x_clean"]
+        clean = safetensors.torch.load_file(path)["x_clean"]
         assert not (clean.flatten(1)[:, None] == test[None]).all(-1).any()  # none is a test image
         assert torch.equal(clean, val)  # the first n_eval validation images

@@ -64,6 +64,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trigact.common.devices import model_device
+from trigact.evaluation.bank import stored_images, to_device_pixels
 
 # The share of coordinates on which a random sign trigger, drawn independently of f, agrees with -sign(g).
 RANDOM_AGREEMENT = 0.5
@@ -134,14 +135,15 @@ def sign_agreement(g: torch.Tensor, tau: torch.Tensor) -> dict:
 
 @torch.no_grad()
 def mean_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> tuple[float, float]:
-    """``(mean CE, accuracy)`` of ``model`` (eval mode) on ``images``."""
+    """``(mean CE, accuracy)`` of ``model`` (eval mode) on ``images`` (float pixels, or a bank's uint8,
+    dequantized one batch at a time on the model's device)."""
     was_training = model.training
     model.eval()
     device = model_device(model)
     ce, correct = 0.0, 0
     try:
         for part in _batches(int(labels.shape[0]), batch_size):
-            logits = model(images[part].to(device))
+            logits = model(to_device_pixels(images[part], device))
             y = labels[part].to(device)
             ce += float(F.cross_entropy(logits, y, reduction="sum").double())
             correct += int((logits.argmax(1) == y).sum())
@@ -226,13 +228,14 @@ class CleanLosses:
         self._seen: list[tuple[torch.Tensor, torch.Tensor, dict]] = []
 
     def __call__(self, name: str, model, bank, batch_size: int) -> tuple[float, float]:
-        entry = next((e for e in self._seen if e[0].shape == bank.x_clean.shape and torch.equal(e[0], bank.x_clean)
-                      and torch.equal(e[1], bank.y)), None)
+        clean = stored_images(bank, clean=True)  # a Bank's uint8, as stored: no float copy kept or compared
+        entry = next((e for e in self._seen if e[0].shape == clean.shape and e[0].dtype == clean.dtype
+                      and torch.equal(e[0], clean) and torch.equal(e[1], bank.y)), None)
         if entry is None:
-            entry = (bank.x_clean, bank.y, {})
+            entry = (clean, bank.y, {})
             self._seen.append(entry)
         if name not in entry[2]:
-            entry[2][name] = mean_loss(model, bank.x_clean, bank.y, batch_size)
+            entry[2][name] = mean_loss(model, clean, bank.y, batch_size)
         return entry[2][name]
 
 
@@ -256,11 +259,12 @@ def theorem2_rows(name: str, model, g: torch.Tensor, banks: Mapping, batch_size:
     rows = []
     for (surrogate, attack), bank in banks.items():
         eps = float(bank.meta["eps"])
-        ce_adv, acc_adv = mean_loss(model, bank.x_adv, bank.y, batch_size)
+        ce_adv, acc_adv = mean_loss(model, stored_images(bank), bank.y, batch_size)
         ce_clean, acc_clean = clean_losses(name, model, bank, batch_size)
         with torch.no_grad():
             was_training = model.training
-            classes = int(model.eval()(bank.x_clean[:1].to(model_device(model))).shape[1])
+            first_image = to_device_pixels(stored_images(bank, clean=True)[:1], model_device(model))
+            classes = int(model.eval()(first_image).shape[1])
             model.train(was_training)
         log_c = math.log(classes)
         bound = eps / eps_t * log_c

@@ -92,7 +92,7 @@ def training_images(data_cfg: dict, n: int, seed: int, data_overrides: dict | No
 
 
 def _bank_folders(pattern: str) -> list[Path]:
-    from trigact.evaluation.bank import BANK_FILE, META_FILE
+    from trigact.evaluation.bank import DATA_FILES, META_FILE
 
     matches = sorted(glob.glob(pattern, recursive=True)) if any(c in pattern for c in "*?[") else [pattern]
     found = []
@@ -102,7 +102,7 @@ def _bank_folders(pattern: str) -> list[Path]:
         if (match / META_FILE).is_file():
             found.append(match)
         elif match.is_dir():
-            found += sorted(p.parent for p in match.rglob(META_FILE) if (p.parent / BANK_FILE).is_file())
+            found += sorted(p.parent for p in match.rglob(META_FILE) if any((p.parent / f).is_file() for f in DATA_FILES))
     return found
 
 
@@ -129,7 +129,7 @@ def bank_candidates(cfg: DictConfig, results: Path, dataset: str) -> tuple[list[
         for pattern in [spec] if isinstance(spec, str) else list(spec):
             found = _bank_folders(str(pattern))
             if not found:
-                raise TrigactError(f"banks entry {pattern!r} matches no TAE bank (a folder holding meta.json and bank.pt)")
+                raise TrigactError(f"banks entry {pattern!r} matches no TAE bank (a folder holding meta.json and bank.safetensors or bank.pt)")
             folders += found
         explicit = True
     else:

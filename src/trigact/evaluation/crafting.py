@@ -26,7 +26,7 @@ from trigact.models.deployed import DeployedModel, run_id
 from trigact.models.ensemble import EnsembleModel
 from trigact.common.errors import TrigactError
 from trigact.common.validate import check_n_eval, check_split
-from trigact.evaluation.bank import Bank, bank_key, bank_path, ensure_bank, file_sha256, load_bank
+from trigact.evaluation.bank import Bank, bank_key, bank_path, ensure_bank, file_sha256, load_bank, stored_images
 
 
 # Data-config keys that say where the files are or how training batches are drawn; none of them
@@ -35,7 +35,7 @@ from trigact.evaluation.bank import Bank, bank_key, bank_path, ensure_bank, file
 # new banks instead of silently reusing banks of other images.
 NOT_IMAGE_KEYS = frozenset({
     "_target_", "root", "download", "batch_size", "eval_batch_size", "num_workers", "pin_memory",
-    "persistent_workers", "seed", "augment",
+    "persistent_workers", "seed", "augment", "placement",
 })
 
 
@@ -230,8 +230,11 @@ def check_same_images(banks: Mapping[tuple[str, str], Bank]) -> None:
     if not items:
         return
     (first_key, first), rest = items[0], items[1:]
+    first_clean = stored_images(first, clean=True)  # uint8 as stored: compared without a float copy
     for key, bank in rest:
-        if len(bank) != len(first) or not torch.equal(bank.y, first.y) or not torch.equal(bank.x_clean, first.x_clean):
+        clean = stored_images(bank, clean=True)
+        if (len(bank) != len(first) or not torch.equal(bank.y, first.y) or clean.shape != first_clean.shape
+                or clean.dtype != first_clean.dtype or not torch.equal(clean, first_clean)):
             raise TrigactError(
                 f"TAE banks {first_key} and {key} hold different clean images ({len(first)} vs {len(bank)}): "
                 "they were crafted with different n_eval or data; craft them again with one setting"

@@ -51,6 +51,7 @@ from torch import nn
 
 from trigact.defenses.base import SeededDefense
 from trigact.common.errors import TrigactError
+from trigact.evaluation.bank import stored_images, to_device_pixels
 from trigact.common.io import atomic_save_figure, atomic_write_text
 from trigact.common.devices import model_device
 
@@ -59,9 +60,10 @@ TABLE_CSV_FIELDS = ("level", "name", "row", "accuracy", "ci_low", "ci_high", "n"
 CLEAN_ROW, MEAN_ROW, WORST_ROW = "Clean", "Mean", "Worst case"
 
 
-def _as_pixels(x: torch.Tensor) -> torch.Tensor:
-    # Banks are stored as uint8 like real images; accept them as well as floats in [0, 1].
-    return x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+def _as_pixels(x: torch.Tensor, device) -> torch.Tensor:
+    # Banks are stored as uint8 like real images; accept them as well as floats in [0, 1]. A uint8
+    # batch is moved first and dequantized on the device: no float copy of it on the host.
+    return to_device_pixels(x, device).float()
 
 
 def correct_mask(model: nn.Module, batches: Iterable) -> torch.Tensor:
@@ -78,7 +80,7 @@ def correct_mask(model: nn.Module, batches: Iterable) -> torch.Tensor:
     try:
         with torch.inference_mode():
             for x, y in batches:
-                pred = model(_as_pixels(x).to(device)).argmax(dim=1)
+                pred = model(_as_pixels(x, device)).argmax(dim=1)
                 masks.append((pred == y.to(device)).reshape(-1).cpu())
     finally:
         for module, training in modes:
@@ -112,28 +114,48 @@ def restart_randomness(model: nn.Module) -> None:
             module.reseed()
 
 
-def bank_batches(bank: Any, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """``(x_adv, y)`` slices of a bank (any object with ``.x_adv`` N,C,H,W and ``.y`` N)."""
-    x, y = bank.x_adv, bank.y
+def bank_batches(bank: Any, batch_size: int, clean: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(x_adv, y)`` slices of a bank (``(x_clean, y)`` with ``clean``), as the bank holds them: a
+    :class:`~trigact.evaluation.bank.Bank`'s uint8 ``q_adv`` (memory-mapped; :func:`correct_mask`
+    dequantizes each batch on the victim's device, so no float copy of a bank is made), or the ``.x_adv``
+    (float in [0, 1] or uint8, N,C,H,W) of any other object with ``.y`` (N)."""
+    x, y = stored_images(bank, clean), bank.y
     if len(x) != len(y):
         raise TrigactError(f"bank has {len(x)} images but {len(y)} labels; they must match")
     for start in range(0, len(y), batch_size):
         yield x[start : start + batch_size], y[start : start + batch_size]
 
 
+def _clean_images(bank: Any) -> torch.Tensor | None:
+    # The stored ones (a Bank's uint8 q_clean: compared without a float copy), or None.
+    try:
+        return stored_images(bank, clean=True)
+    except AttributeError:
+        return None
+
+
+def _same_images(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.shape != b.shape:
+        return False
+    if a.dtype != b.dtype:  # a uint8 bank beside a float one built by hand: compare pixel values
+        return torch.equal(_as_pixels(a, a.device), _as_pixels(b, a.device))
+    return torch.equal(a, b)
+
+
 def check_aligned_banks(banks: Mapping[tuple[str, str], Any]) -> None:
     """Every bank must hold the same clean images in the same order (same labels, and the same
-    ``x_clean`` where the banks carry it), or the worst case could not AND one image across banks."""
+    ``x_clean`` where the banks carry it; a Bank's uint8 ``q_clean`` is compared as stored), or the
+    worst case could not AND one image across banks."""
     items = list(banks.items())
     if not items:
         return
     (first_key, first), rest = items[0], items[1:]
-    first_clean = getattr(first, "x_clean", None)
+    first_clean = _clean_images(first)
     for key, bank in rest:
         same = len(bank.y) == len(first.y) and torch.equal(torch.as_tensor(bank.y), torch.as_tensor(first.y))
-        clean = getattr(bank, "x_clean", None)
+        clean = _clean_images(bank)
         if same and clean is not None and first_clean is not None:
-            same = clean.shape == first_clean.shape and torch.equal(clean, first_clean)
+            same = _same_images(clean, first_clean)
         if not same:
             raise TrigactError(
                 f"TAE banks {first_key} and {key} hold different clean images ({len(first.y)} vs {len(bank.y)}): "
@@ -608,9 +630,11 @@ def evaluate_matrix(
 ) -> RobustnessMatrix:
     """Evaluate every victim on every bank ``banks[(surrogate, attack)]`` (and on clean data).
 
-    - ``banks`` values: any object with ``.x_adv`` (float in [0, 1] or uint8, N,C,H,W) and ``.y``; every
-      bank must hold the same clean images in the same order (same ``y``, and same ``x_clean`` where
-      given), or a one-line :class:`TrigactError` says so: the worst case ANDs each image across banks.
+    - ``banks`` values: a :class:`~trigact.evaluation.bank.Bank` (its uint8 images are dequantized one
+      batch at a time, on each victim's device) or any object with ``.x_adv`` (float in [0, 1] or uint8,
+      N,C,H,W) and ``.y``; every bank must hold the same clean images in the same order (same ``y``, and
+      same ``x_clean`` where given), or a one-line :class:`TrigactError` says so: the worst case ANDs
+      each image across banks.
     - ``clean_batches``: a list / re-iterable of ``(x, y)``, or a zero-argument factory returning one
       (e.g. ``dm.test_dataloader``); None skips clean accuracy.
     - ``victim_runs`` / ``surrogate_runs``: name -> run identity (e.g. bundle path). A victim whose run is

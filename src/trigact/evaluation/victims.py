@@ -8,7 +8,6 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
-from torch.utils.data import DataLoader, TensorDataset
 
 from trigact.models.deployed import DeployedModel
 from trigact.models.ensemble import run_paths
@@ -16,7 +15,7 @@ from trigact.common.validate import parse_eps
 from trigact.common.errors import TrigactError, unknown_name
 from trigact.triggers import trigger_stats
 from trigact.evaluation.bank import Bank
-from trigact.evaluation.matrix import RobustnessMatrix, evaluate_matrix
+from trigact.evaluation.matrix import RobustnessMatrix, bank_batches, evaluate_matrix
 
 
 def evaluate_victims(
@@ -44,7 +43,10 @@ def evaluate_victims(
     if not victims or not banks:
         raise TrigactError("nothing to evaluate: the experiment needs victims, surrogates and attacks")
     first = next(iter(banks.values()))  # the same clean images in every bank (evaluate_matrix checks)
-    clean = DataLoader(TensorDataset(first.x_clean, first.y), batch_size=batch_size, shuffle=False)
+
+    def clean():  # the stored uint8 images, dequantized batch by batch on each victim's device
+        return bank_batches(first, batch_size, clean=True)
+
     with torch.no_grad():
         return evaluate_matrix(
             victims, banks, clean_batches=clean,
