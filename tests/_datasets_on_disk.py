@@ -53,3 +53,39 @@ def write_image_folder(root: Path, classes: list[str], per_class: int = 2) -> No
             for i in range(per_class):
                 pixels = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(root / split / name / f"img{i}.JPEG")
+
+
+def accept_tiny_cifar_checksums(monkeypatch) -> None:
+    """Our tiny CIFAR files cannot match the md5 sums of the real archives that torchvision checks:
+    replace only the checksum (the files must still exist), in the calling test only."""
+    import os
+
+    import torchvision.datasets.cifar as tv_cifar
+
+    monkeypatch.setattr(tv_cifar, "check_integrity", lambda fpath, md5=None: os.path.isfile(fpath))
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """An IDX ubyte file (gzipped when the name ends in .gz): big-endian magic 0x0000 08 <ndim>,
+    big-endian uint32 sizes, then the bytes in C order."""
+    import gzip
+
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    payload = header + array.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(payload) if path.suffix == ".gz" else payload)
+
+
+def write_fashion_mnist(root: Path, n_train: int = 40, n_test: int = 20, seed: int = 3) -> dict[str, np.ndarray]:
+    """The four Fashion-MNIST IDX files (gzipped, Debian's flat layout) with random 28x28 images;
+    returns the arrays by file name."""
+    rng = np.random.default_rng(seed)
+    arrays = {
+        "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+        "train-labels-idx1-ubyte": (np.arange(n_train) % 10).astype(np.uint8),
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
+        "t10k-labels-idx1-ubyte": (np.arange(n_test) % 10).astype(np.uint8),
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    for name, array in arrays.items():
+        write_idx(root / f"{name}.gz", array)
+    return arrays

@@ -18,6 +18,7 @@ import pytest
 import torch
 from trigact.common.config import instantiate_named
 from omegaconf import OmegaConf
+from torchvision import transforms
 
 from trigact.data import (
     DATAMODULES,
@@ -432,13 +433,37 @@ def test_cifar_round_trips_real_format(tmp_path, skip_cifar_md5, module):
     assert (dm.in_chans, dm.image_size, len(dm.mean), len(dm.std)) == (3, 32, 3, 3)
     dm.setup()
     assert (len(dm.train_set), len(dm.test_set)) == (len(train_labels), len(test_labels))
-    for dataset, data, labels in ((dm.train_eval_set, train_data, train_labels), (dm.test_set, test_data, test_labels)):
+    for train, dataset, data, labels in ((True, dm.train_eval_set, train_data, train_labels),
+                                         (False, dm.test_set, test_data, test_labels)):
+        archive = module.dataset_cls(str(tmp_path), train=train)  # torchvision's own reading: PIL images
         for i in range(len(labels)):
             x, y = dataset[i]
+            assert type(x) is torch.Tensor and x.dtype == torch.float32
             assert torch.equal(x, torch.from_numpy(data[i].reshape(3, 32, 32)).float() / 255)
+            assert torch.equal(x, transforms.ToTensor()(archive[i][0]))  # the eval values of the former pipeline
             assert y == labels[i]
     x, y = next(iter(dm.train_dataloader()))
     assert x.shape == (2, 3, 32, 32) and 0 <= x.min() and x.max() <= 1
+
+
+def test_cifar_train_view_is_crop_and_flip_of_the_archive_images(tmp_path, skip_cifar_md5):
+    """The v2 train pipeline on uint8 tensors: each image a 32x32 crop of the image zero-padded by 4
+    (possibly mirrored), in [0, 1]; over several draws the crops differ."""
+    train_data, _, _, _ = write_cifar(tmp_path, CIFAR10DataModule, per_file=1)
+    dm = CIFAR10DataModule(root=str(tmp_path), val_size=0)
+    dm.setup()
+    image = torch.from_numpy(train_data[0].reshape(3, 32, 32)).float() / 255
+    padded = torch.nn.functional.pad(image, (4, 4, 4, 4))
+    crops = {(t, l, f): (padded[:, t:t + 32, l:l + 32].flip(-1) if f else padded[:, t:t + 32, l:l + 32])
+             for t in range(9) for l in range(9) for f in (False, True)}
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(20):
+        x, _ = dm.train_set[0]
+        assert type(x) is torch.Tensor and x.shape == (3, 32, 32) and x.dtype == torch.float32
+        (match, *_) = [key for key, crop in crops.items() if torch.equal(crop, x)]
+        seen.add(match)
+    assert len(seen) > 5
 
 
 @pytest.mark.parametrize("module", [CIFAR10DataModule, CIFAR100DataModule], ids=["cifar10", "cifar100"])
@@ -516,6 +541,20 @@ def test_imagenet_subset_val_split_is_carved_from_train_folder(tmp_path):
     assert sorted(int(dm.val_set[i][1]) for i in range(3)) == [0, 1, 2]  # stratified: one per class
 
 
+def test_imagenet_files_decode_to_rgb_uint8_tensors(tmp_path):
+    """torchvision.io for JPEG/PNG (grey made RGB), PIL for the formats it does not decode (BMP)."""
+    from PIL import Image
+
+    from trigact.data.imagenet_subset import read_rgb
+
+    grey = np.random.default_rng(0).integers(0, 256, (6, 5), dtype=np.uint8)
+    for name in ("grey.png", "grey.bmp"):
+        Image.fromarray(grey).save(tmp_path / name)
+        x = read_rgb(str(tmp_path / name))
+        assert x.dtype == torch.uint8 and x.shape == (3, 6, 5)
+        assert all(torch.equal(x[c], torch.from_numpy(grey)) for c in range(3))
+
+
 def test_imagenet_subset_errors(tmp_path):
     write_image_folder(tmp_path, ["a", "b"])
     with pytest.raises(TrigactError) as excinfo:
@@ -570,7 +609,9 @@ def test_configs_instantiate(tmp_path, name):
     assert (dm.seed, dm.batch_size, dm.eval_batch_size) == (5, 128, 128)
     # Validation is carved from the training images with a fixed seed, never the run's ${seed}.
     assert (dm.val_size, dm.split_seed) == (0.04 if name == "imagenet_subset" else 0.1, 0)
-    assert dm.num_workers == (0 if name in ("digits", "fashion_mnist") else 4)
+    in_memory = name in ("digits", "fashion_mnist")
+    assert dm.num_workers_setting == (0 if in_memory else "auto")
+    assert (dm.placement, dm.pin_memory_setting) == ("host", "auto")
     if name in ("cifar10", "cifar100"):
         assert dm.root == tmp_path / name and dm.download is False
     if name == "imagenet_subset":

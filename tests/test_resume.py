@@ -282,3 +282,18 @@ def test_every_methods_checkpoint_opens_weights_only_and_verified(tmp_path, over
     assert CHECKPOINT_DIGEST in torch.load(last, map_location="cpu", weights_only=True)
     checkpoint = load_checkpoint(last)
     assert CHECKPOINT_DIGEST not in checkpoint and checkpoint["epoch"] == 0
+
+
+@pytest.mark.parametrize("over", [[], ["~callbacks.rng_state"]], ids=["default-callbacks", "without-rng-state"])
+def test_resume_with_device_placement_equals_an_uninterrupted_run(tmp_path, tiny_fashion_mnist, over):
+    """data.placement=device: the images live on the trainer's device (the CPU here) and the crop and
+    flip are drawn there per (seed, epoch, batch) from the loader's own generator, so the resumed
+    run augments epochs 3-4 as the uninterrupted run does; even without the RNG state in the
+    checkpoint, which the host path needs (the control above drifts without it)."""
+    cfg = augmented(tiny_fashion_mnist, 0) + ["data.placement=device"] + over
+    straight, resumed = straight_and_resumed(cfg, tmp_path)
+    assert [u["epoch"] for u in resumed.meta["trigger_updates"]] == [1, 2]
+    assert resumed.meta["trigger_updates"] == straight.meta["trigger_updates"]
+    assert torch.allclose(resumed.trigger, straight.trigger, rtol=0, atol=1e-6)
+    assert max_weight_difference(resumed, straight) <= 1e-6
+    assert resumed.meta["metrics"] == straight.meta["metrics"]

@@ -74,10 +74,10 @@ def in_multirun() -> bool:
 
 
 def quiet_libraries() -> None:
-    """Hide advice that does not apply to this project (e.g. "consider more dataloader workers"
-    for in-memory tensor datasets) so the output a user reads is ours."""
+    """Hide advice that does not apply to this project so the output a user reads is ours. (Lightning's
+    "does not have many workers" advice is not hidden here: it is right for host loaders of image
+    files; the in-memory datamodules silence it themselves, see TrigactDataModule._few_workers_advice.)"""
     for pattern in (
-        ".*does not have many workers.*",
         ".*GPU available but not used.*",
         ".*is an invalid version and will not be supported.*",
         ".*LeafSpec.*",

@@ -4,31 +4,41 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from torchvision import transforms
+import torch
+from torch.utils.data import TensorDataset
 from torchvision.datasets import CIFAR10, CIFAR100
+from torchvision.transforms import v2
 
 from trigact.data.base import DatasetSplits, TrigactDataModule, download_error
-from trigact.data.views import TransformedDataset
+from trigact.data.device import CropFlip, DeviceRecipe
+from trigact.data.views import ToUnitFloat, TransformedDataset
 from trigact.common.errors import TrigactError
 
 
 class CIFARDataModule(TrigactDataModule):
     """Shared body of the two CIFAR datamodules: 3x32x32 images read by a torchvision dataset class.
 
-    The images stay in memory once (uint8, inside the torchvision dataset); train, train-eval and
-    val (carved from the 50k training images) are transform views of it.
+    The images stay in memory once, as the uint8 (N, 3, 32, 32) tensor of the archive's bytes; train,
+    train-eval and val (carved from the 50k training images) are transform views of it. The
+    transforms are torchvision's v2 on those uint8 tensors (no PIL image per access): crop with
+    zero padding 4 and a flip for training, then the division by 255 of `ToTensor`, so the eval
+    images are exactly `ToTensor()`'s. With placement=device the same uint8 tensor goes to the
+    device, and the same crop and flip run there, batched.
     """
 
     dataset_cls: type[CIFAR10]
     title: str
     in_chans = 3
     image_size = 32
+    PADDING = 4  # RandomCrop(32, padding=4), on the host and on the device
 
     def __init__(self, root: str, download: bool = False, **loader_kwargs) -> None:
-        """`loader_kwargs`: batch_size, eval_batch_size, num_workers, seed, pin_memory, val_size, split_seed (base)."""
+        """`loader_kwargs`: batch_size, eval_batch_size, num_workers, seed, pin_memory, val_size, split_seed,
+        placement (base)."""
         super().__init__(**loader_kwargs)
         self.root = Path(root)
         self.download = bool(download)
+        self._bases: tuple[TensorDataset, TensorDataset] | None = None
 
     def prepare_data(self) -> None:
         """Fetch the archive on rank 0 if asked to; torchvision skips it when the files check out."""
@@ -51,14 +61,29 @@ class CIFARDataModule(TrigactDataModule):
                 f"set data.download=true to fetch it, or data.root=... to the directory that holds {folder}"
             ) from err
 
+    def _tensors(self, train: bool) -> TensorDataset:
+        """The split as (uint8 (N, 3, 32, 32) images, int64 labels), from torchvision's parsed arrays."""
+        split = self._open(train=train)
+        images = torch.from_numpy(split.data).permute(0, 3, 1, 2).contiguous()  # stored (N, H, W, C)
+        return TensorDataset(images, torch.as_tensor(split.targets, dtype=torch.long))
+
     def build_splits(self) -> DatasetSplits:
-        train_base, test_base = self._open(train=True), self._open(train=False)
-        to_tensor = transforms.ToTensor()
-        augment = transforms.Compose(
-            [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(), transforms.ToTensor()]
+        train_base, test_base = self._tensors(train=True), self._tensors(train=False)
+        self._bases = (train_base, test_base)
+        to_float = v2.Compose([v2.ToImage(), ToUnitFloat()])
+        augment = v2.Compose([v2.ToImage(), v2.RandomCrop(32, padding=self.PADDING), v2.RandomHorizontalFlip(),
+                              ToUnitFloat()])
+        train, train_eval, val = self.carve_validation(train_base, train_base.tensors[1], augment, to_float)
+        return DatasetSplits(train=train, train_eval=train_eval, val=val, test=TransformedDataset(test_base, to_float))
+
+    def device_recipe(self) -> DeviceRecipe:
+        (train_images, train_labels), (test_images, test_labels) = (base.tensors for base in self._bases)
+        return DeviceRecipe(
+            train_images=train_images, train_labels=train_labels, test_images=test_images, test_labels=test_labels,
+            train_positions=torch.as_tensor(self.train_eval_set.indices, dtype=torch.long),
+            val_positions=torch.as_tensor(self.val_set.indices, dtype=torch.long),
+            augment=CropFlip(self.PADDING),
         )
-        train, train_eval, val = self.carve_validation(train_base, train_base.targets, augment, to_tensor)
-        return DatasetSplits(train=train, train_eval=train_eval, val=val, test=TransformedDataset(test_base, to_tensor))
 
 
 class CIFAR10DataModule(CIFARDataModule):

@@ -11,6 +11,7 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import TensorDataset
 
 from trigact.data.base import DatasetSplits, TrigactDataModule, validation_indices
+from trigact.data.device import DeviceRecipe
 from trigact.common.validate import check_int
 from trigact.common.errors import TrigactError
 
@@ -42,7 +43,9 @@ def load_digits_split(
 class DigitsDataModule(TrigactDataModule):
     """1797 grey 8x8 digits (values 0..16 scaled to [0, 1]), resized once to `image_size`, kept in memory.
 
-    No augmentation. The test split is a fixed stratified `test_fraction` (`split_seed`); the
+    No augmentation. With placement=device the images are held on the device as float32, not
+    uint8 like the other datasets': their pixels are k/16 (and bilinearly resized), which bytes
+    scaled by 1/255 cannot hold. The test split is a fixed stratified `test_fraction` (`split_seed`); the
     validation split (`val_size`, see the base class) is carved out of the rest with the same seed.
     `mean`/`std` are computed in `__init__` from the images left for training, at the chosen
     `image_size` (resizing changes the std). That is cheap: the data ships inside scikit-learn and
@@ -52,6 +55,7 @@ class DigitsDataModule(TrigactDataModule):
     name = "digits"
     num_classes = 10
     in_chans = 1
+    in_memory = True
 
     def __init__(
         self,
@@ -59,7 +63,8 @@ class DigitsDataModule(TrigactDataModule):
         test_fraction: float = 0.2,
         **loader_kwargs,
     ) -> None:
-        """`loader_kwargs`: batch_size, eval_batch_size, num_workers, seed, pin_memory, val_size, split_seed (base)."""
+        """`loader_kwargs`: batch_size, eval_batch_size, num_workers, seed, pin_memory, val_size, split_seed,
+        placement (base)."""
         super().__init__(**loader_kwargs)
         self.image_size = check_int(image_size, "data.image_size")
         if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:
@@ -78,3 +83,8 @@ class DigitsDataModule(TrigactDataModule):
         val = TensorDataset(x_train[self._val_idx], y_train[self._val_idx])
         # Without augmentation the train view and the train-eval view are the same data.
         return DatasetSplits(train=train, train_eval=train, val=val, test=TensorDataset(x_test, y_test))
+
+    def device_recipe(self) -> DeviceRecipe:
+        x_train, y_train, x_test, y_test = load_digits_split(self.image_size, self.split_seed, self.test_fraction)
+        return DeviceRecipe(train_images=x_train, train_labels=y_train, test_images=x_test, test_labels=y_test,
+                            train_positions=self._train_idx, val_positions=self._val_idx)

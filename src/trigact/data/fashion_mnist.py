@@ -10,6 +10,7 @@ from torchvision import transforms
 from torchvision.datasets import FashionMNIST
 
 from trigact.data.base import DatasetSplits, TrigactDataModule, download_error
+from trigact.data.device import CropFlip, DeviceRecipe
 from trigact.common.validate import check_int
 from trigact.data.idx import read_idx_ubyte
 from trigact.data.views import TransformedDataset
@@ -27,6 +28,9 @@ class FashionMNISTDataModule(TrigactDataModule):
     The IDX files are looked up, each raw or gzipped, in `root` (Debian's flat layout) and in
     `root/FashionMNIST/raw` (where torchvision's downloader puts them). Only with `download=True`,
     and only when they are missing, torchvision downloads them.
+
+    With placement=device the uint8 images go to the device; the resize to `image_size` (when not
+    28) and the augmentation run there, batched, with the same parameters.
     """
 
     name = "fashion_mnist"
@@ -34,6 +38,7 @@ class FashionMNISTDataModule(TrigactDataModule):
     in_chans = 1
     mean = (0.2860,)
     std = (0.3530,)
+    in_memory = True
 
     def __init__(
         self,
@@ -43,12 +48,14 @@ class FashionMNISTDataModule(TrigactDataModule):
         image_size: int = NATIVE_SIZE,
         **loader_kwargs,
     ) -> None:
-        """`loader_kwargs`: batch_size, eval_batch_size, num_workers, seed, pin_memory, val_size, split_seed (base)."""
+        """`loader_kwargs`: batch_size, eval_batch_size, num_workers, seed, pin_memory, val_size, split_seed,
+        placement (base)."""
         super().__init__(**loader_kwargs)
         self.root = Path(root)
         self.download = bool(download)
         self.augment = bool(augment)
         self.image_size = check_int(image_size, "data.image_size")
+        self._bases: tuple[TensorDataset, TensorDataset] | None = None
 
     def _find_files(self) -> dict[str, Path] | None:
         """File name -> path for all four files from the first directory that has them all, else None."""
@@ -98,6 +105,9 @@ class FashionMNISTDataModule(TrigactDataModule):
             raise TrigactError(f"{str(labels_path)!r} holds label {labels.max()}, expected 0..{self.num_classes - 1}")
         return TensorDataset(torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels).long())
 
+    # The host transforms and `device_recipe` must agree: padding 2 and a flip, after the resize.
+    PADDING = 2
+
     def _transforms(self) -> tuple[transforms.Compose, transforms.Compose]:
         """(train, eval) transforms on uint8 (1, 28, 28) tensors; augmentation only when asked for."""
         eval_steps = [transforms.ConvertImageDtype(torch.float32)]
@@ -105,7 +115,8 @@ class FashionMNISTDataModule(TrigactDataModule):
             eval_steps.append(transforms.Resize((self.image_size, self.image_size), antialias=True))
         train_steps = list(eval_steps)
         if self.augment:
-            train_steps += [transforms.RandomCrop(self.image_size, padding=2), transforms.RandomHorizontalFlip()]
+            train_steps += [transforms.RandomCrop(self.image_size, padding=self.PADDING),
+                            transforms.RandomHorizontalFlip()]
         return transforms.Compose(train_steps), transforms.Compose(eval_steps)
 
     def build_splits(self) -> DatasetSplits:
@@ -116,6 +127,17 @@ class FashionMNISTDataModule(TrigactDataModule):
         if files is None:
             raise self._missing_error()
         train_base, test_base = self._load_split(files, "train"), self._load_split(files, "test")
+        self._bases = (train_base, test_base)
         train_tf, eval_tf = self._transforms()
         train, train_eval, val = self.carve_validation(train_base, train_base.tensors[1], train_tf, eval_tf)
         return DatasetSplits(train=train, train_eval=train_eval, val=val, test=TransformedDataset(test_base, eval_tf))
+
+    def device_recipe(self) -> DeviceRecipe:
+        (train_images, train_labels), (test_images, test_labels) = (base.tensors for base in self._bases)
+        return DeviceRecipe(
+            train_images=train_images, train_labels=train_labels, test_images=test_images, test_labels=test_labels,
+            train_positions=torch.as_tensor(self.train_eval_set.indices, dtype=torch.long),
+            val_positions=torch.as_tensor(self.val_set.indices, dtype=torch.long),
+            resize=None if self.image_size == NATIVE_SIZE else self.image_size,
+            augment=CropFlip(self.PADDING) if self.augment else None,
+        )

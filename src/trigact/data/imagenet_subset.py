@@ -4,13 +4,28 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from torchvision import transforms
+import torch
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import pil_loader
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms import v2
 
 from trigact.data.base import DatasetSplits, TrigactDataModule
 from trigact.common.validate import check_int
-from trigact.data.views import TransformedDataset
+from trigact.data.views import ToUnitFloat, TransformedDataset
 from trigact.common.errors import TrigactError
+
+
+def read_rgb(path: str) -> torch.Tensor:
+    """The image file at `path` as a uint8 (3, H, W) tensor, grey and CMYK converted to RGB.
+
+    torchvision.io decodes JPEG, PNG, WebP and GIF straight into a tensor; the other formats
+    ImageFolder accepts (BMP, PPM, TIFF) go through PIL.
+    """
+    try:
+        return decode_image(path, mode=ImageReadMode.RGB)
+    except (RuntimeError, ValueError):  # a format torchvision.io does not decode
+        return v2.functional.pil_to_tensor(pil_loader(path))
 
 
 class FirstClassesImageFolder(ImageFolder):
@@ -22,7 +37,7 @@ class FirstClassesImageFolder(ImageFolder):
 
     def __init__(self, root: str | Path, num_classes: int) -> None:
         self.num_classes = num_classes  # read by find_classes, which ImageFolder.__init__ calls
-        super().__init__(str(root))
+        super().__init__(str(root), loader=read_rgb)
 
     def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
         classes, _ = super().find_classes(directory)
@@ -40,16 +55,22 @@ class ImageNetSubsetDataModule(TrigactDataModule):
 
     Standard ImageNet preprocessing: RandomResizedCrop + flip for training; resize to 256/224 of
     `image_size` and center-crop for evaluation. The `val/` folder serves as the test split; the
-    validation split is carved out of `train/` (`val_size`, stratified per class).
+    validation split is carved out of `train/` (`val_size`, stratified per class). Files are decoded
+    to uint8 tensors and transformed by torchvision's v2 on them (antialiased resizes).
+
+    placement=device is refused: the decoded images do not fit in device memory.
     """
 
     name = "imagenet_subset"
     in_chans = 3
+    placements = ("host",)
+    placement_note = " is not available for imagenet_subset (its decoded images do not fit in device memory)"
     mean = (0.485, 0.456, 0.406)
     std = (0.229, 0.224, 0.225)
 
     def __init__(self, root: str, num_classes: int = 100, image_size: int = 224, **loader_kwargs) -> None:
-        """`loader_kwargs`: batch_size, eval_batch_size, num_workers, seed, pin_memory, val_size, split_seed (base)."""
+        """`loader_kwargs`: batch_size, eval_batch_size, num_workers, seed, pin_memory, val_size, split_seed,
+        placement (base)."""
         super().__init__(**loader_kwargs)
         self.root = Path(root)
         self.num_classes = check_int(num_classes, "data.num_classes")
@@ -77,12 +98,10 @@ class ImageNetSubsetDataModule(TrigactDataModule):
     def build_splits(self) -> DatasetSplits:
         train_base, val_base = self._folder("train"), self._folder("val")
         size = self.image_size
-        augment = transforms.Compose(
-            [transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(), transforms.ToTensor()]
-        )
-        evaluate = transforms.Compose(
-            [transforms.Resize(int(size * 256 / 224)), transforms.CenterCrop(size), transforms.ToTensor()]
-        )
+        augment = v2.Compose([v2.ToImage(), v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip(),
+                              ToUnitFloat()])
+        evaluate = v2.Compose([v2.ToImage(), v2.Resize(int(size * 256 / 224), antialias=True), v2.CenterCrop(size),
+                               ToUnitFloat()])
         # ImageNet's own "val" folder is this datamodule's test split; validation is carved from train/.
         train, train_eval, val = self.carve_validation(train_base, train_base.targets, augment, evaluate)
         return DatasetSplits(train=train, train_eval=train_eval, val=val, test=TransformedDataset(val_base, evaluate))

@@ -10,6 +10,23 @@ from typing import Callable, Sequence
 
 import torch
 from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+
+def to_unit_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels as float32 in [0, 1], divided by 255: the very values of ``ToTensor`` and
+    ``ConvertImageDtype``. (``v2.ToDtype(torch.float32, scale=True)`` multiplies by 1/255 instead,
+    which differs from them in the last bit for about half of the 256 values.) Float images are
+    returned as float32 unchanged."""
+    images = images.as_subclass(torch.Tensor)  # a plain tensor, not a tv_tensors.Image
+    return images.to(torch.float32).div_(255) if images.dtype == torch.uint8 else images.to(torch.float32)
+
+
+class ToUnitFloat(v2.Transform):
+    """The v2 transform of :func:`to_unit_float`: the last step of the tensor pipelines."""
+
+    def transform(self, inpt, params):
+        return to_unit_float(inpt)
 
 
 class TransformedDataset(Dataset):

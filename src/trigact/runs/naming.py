@@ -70,9 +70,11 @@ HASHED = {
 }
 # Not used by the hash. Every argument of a datamodule and of lightning.Trainer is named either in
 # HASHED or here, and tests/test_runs.py checks that, so a new argument gets decided on, not dropped.
-# `data.eval_batch_size` is the one conditional key: see _data_key.
+# `data.eval_batch_size` is the one conditional key: see _data_key. `data.placement` (device-resident
+# batches) draws its crops from another stream than the host workers, as a different num_workers does:
+# the same config, another draw of the augmentation, not another model.
 NOT_HASHED = {
-    "data": ("root", "download", "num_workers", "pin_memory", "eval_batch_size"),
+    "data": ("root", "download", "num_workers", "pin_memory", "eval_batch_size", "placement"),
     "trainer": ("accelerator", "strategy", "devices", "num_nodes", "plugins", "logger", "callbacks",
                 "default_root_dir", "deterministic", "benchmark", "inference_mode", "detect_anomaly",
                 "barebones", "profiler", "enable_checkpointing", "enable_progress_bar", "enable_model_summary",
@@ -80,6 +82,9 @@ NOT_HASHED = {
                 "limit_test_batches", "limit_predict_batches", "val_check_interval", "check_val_every_n_epoch",
                 "num_sanity_val_steps", "use_distributed_sampler", "reload_dataloaders_every_n_epochs"),
 }
+# Keys of a hashed-whole group that change how fast a model trains, not which model: torch.compile
+# (trigact.training.performance) rounds differently at most, like trainer.deterministic.
+EXECUTION_ONLY = {"model": ("compile",)}
 EPSILONS = ("eps", "alpha")
 # Lightning's own flags that only act across processes: at world size 1 they leave the model as it is.
 MULTI_PROCESS_ONLY = ("sync_batchnorm",)
@@ -196,6 +201,8 @@ def config_hash(cfg) -> str:
                 value = _data_key(value, cfg)
             elif keys is not None:
                 value = {k: v for k, v in value.items() if k in keys and v is not None}
+            for k in EXECUTION_ONLY.get(group, ()):
+                value.pop(k, None)
             # The seed is already in the folder name (s<seed>); a group seed that just follows it
             # must not split one config's seeds into different folders.
             if value.get("seed") == cfg.get("seed"):
