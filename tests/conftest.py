@@ -8,6 +8,18 @@ import pytest
 os.environ.setdefault("WANDB_MODE", "offline")
 
 
+def pytest_collection_modifyitems(config, items):
+    """``requires_gpu`` tests are skipped, with the reason shown, where torch sees no CUDA device."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (benchmarks/gpu_check.sh runs these on a GPU)")
+    for item in items:
+        if "requires_gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def digits8():
     """Digits at 8x8: 1293 train / 144 val / 360 test images, a few ms per batch with a small network."""

@@ -6,11 +6,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from trigact.attacks.registry import DEFAULT_PROTOCOL, attack_spec, protocol
+from trigact.common.precision import parse_precision
 from trigact.common.validate import check_steps, parse_eps
 
-# What an override may set: the budget (eps, steps) for every attack, and the step size for every
-# attack that has one.
-OVERRIDABLE = ("eps", "steps", "alpha")
+# What an override may set: the budget (eps, steps) for every attack, the step size for every
+# attack that has one, and the surrogate's arithmetic (precision: bf16 autocast, trigact.common.precision).
+OVERRIDABLE = ("eps", "steps", "alpha", "precision")
 
 
 def attack_config(conf_dir, name: str, overrides: Mapping | None = None, protocol_name: str = DEFAULT_PROTOCOL) -> dict:
@@ -46,9 +47,13 @@ def attack_config(conf_dir, name: str, overrides: Mapping | None = None, protoco
         raise TrigactError(f"attack_params.{name}: attack {name!r} has no parameter(s) {', '.join(wrong)}; "
                            f"allowed: {', '.join(sorted(params)) or 'none'}")
     params.update(own)
+    precision = parse_precision(merged.get("precision"), where["precision"])
     # eps as written ("8/255") where it came in as a string: bank keys and names stay readable.
     del eps
-    return {"name": spec.name, "attack": spec.attack, "eps": merged["eps"], "steps": steps, "params": params}
+    resolved = {"name": spec.name, "attack": spec.attack, "eps": merged["eps"], "steps": steps, "params": params}
+    if precision is not None:  # only then: fp32 banks keep the keys (and folders) they always had
+        resolved["precision"] = precision
+    return resolved
 
 
 def budget_overrides(protocol_cfg: Mapping | None, attack_overrides: Mapping | None,

@@ -45,6 +45,7 @@ from torch import nn
 from trigact.common.config import CONF_DIR
 from trigact.common.devices import model_device
 from trigact.common.errors import TrigactError, unknown_name
+from trigact.common.precision import autocast, parse_precision
 from trigact.common.validate import check_steps, parse_eps
 
 # The taxonomy of Trustworthy-AI-Group/TransferAttack, plus the families outside it.
@@ -220,11 +221,16 @@ class TransferAttack:
         self.steps = steps
         self.params = params
         self.device = model_device(model)
+        # None: fp32; "bf16": the model's forward and backward under bf16 autocast (trigact.common.precision).
+        self.precision: str | None = None
 
     @property
     def config(self) -> dict:
         """Everything that determines the attack, e.g. to record beside a TAE bank."""
-        return dict(name=self.name, attack=self.spec.attack, eps=self.eps, steps=self.steps, **self.params)
+        config = dict(name=self.name, attack=self.spec.attack, eps=self.eps, steps=self.steps, **self.params)
+        if self.precision is not None:
+            config["precision"] = self.precision
+        return config
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4:
@@ -247,7 +253,7 @@ class TransferAttack:
             # needs the weights to require grad, even on a surrogate its caller froze.
             for p in params:
                 p.requires_grad_(self.spec.needs_param_grads)
-            with torch.enable_grad():
+            with torch.enable_grad(), autocast(self.device, self.precision):
                 x_adv = self.impl(x, y).detach()
         finally:
             self.model.train(was_training)
@@ -323,7 +329,9 @@ def build_attack(name, model: nn.Module, eps=None, steps: int | None = None, **o
 def attack_from_config(cfg: Mapping, model: nn.Module) -> TransferAttack:
     """Build from :func:`trigact.attacks.config.attack_config`'s mapping: the attack's name, its
     resolved ``eps`` and ``steps`` and its ``params``."""
-    return build_attack(cfg["name"], model, eps=cfg.get("eps"), steps=cfg.get("steps"), **dict(cfg.get("params") or {}))
+    attack = build_attack(cfg["name"], model, eps=cfg.get("eps"), steps=cfg.get("steps"), **dict(cfg.get("params") or {}))
+    attack.precision = parse_precision(cfg.get("precision"), "attack precision")
+    return attack
 
 
 def resolve_feature_layer(model: nn.Module, layer: str | None, attack: str = "") -> str:

@@ -22,6 +22,7 @@ from trigact.common.tracking import job_run, log_tables
 from trigact.common.validate import check_n_eval, check_seed, check_split, check_steps
 from trigact.evaluation.budgets import check_attacks, craft_at_budgets
 from trigact.evaluation.crafting import data_config_of, evaluation_images
+from trigact.common.batching import AUTO, batch_size_for
 from trigact.evaluation.tables import bank_rows
 from trigact.runs import register_resolvers
 from trigact.runs.selection import as_dict, select
@@ -31,7 +32,8 @@ register_resolvers()
 
 def run_attack(cfg: DictConfig) -> list[dict]:
     # Every setting is checked before the surrogates and the data load, and before the first bank.
-    batch_size, seed = check_steps(cfg.batch_size, "batch_size"), check_seed(cfg.seed, "seed")
+    batch_size = cfg.batch_size if cfg.batch_size == AUTO else check_steps(cfg.batch_size, "batch_size")
+    seed = check_seed(cfg.seed, "seed")
     n_eval, split = check_n_eval(cfg.get("n_eval")), check_split(cfg.get("split", "test"))
     overrides = budget_overrides(as_dict(cfg.get("attack_protocol")), as_dict(cfg.get("attack_overrides")),
                                  as_dict(cfg.get("attack_params")))
@@ -40,6 +42,8 @@ def run_attack(cfg: DictConfig) -> list[dict]:
     surrogates = select(cfg, "surrogates")
     data_cfg = data_config_of(surrogates)
     images = evaluation_images(data_cfg, n_eval, data_overrides, split=split)
+    # auto: the largest batch whose forward and input-gradient backward fit on every surrogate's device.
+    batch_size = batch_size_for(surrogates.values(), tuple(images[0][0].shape), batch_size)
     banks = craft_at_budgets(
         cfg.paths.output_dir, data_cfg["name"], images, surrogates, list(cfg.attacks), CONF_DIR,
         overrides, batch_size=batch_size, seed=seed, progress=bool(cfg.get("progress", True)),

@@ -23,11 +23,13 @@ from omegaconf import DictConfig
 
 from trigact.attacks.config import budget_overrides
 from trigact.cli import quiet_libraries, user_errors
+from trigact.common.batching import AUTO, batch_size_for
 from trigact.common.config import CONF_DIR
 from trigact.common.errors import TrigactError
 from trigact.common.io import atomic_write_json, atomic_write_text
 from trigact.common.tracking import job_run, log_tables
 from trigact.common.validate import check_n_eval, check_name, check_seed, check_split, check_steps
+from trigact.evaluation.bank import stored_images
 from trigact.evaluation.budgets import load_at_budgets
 from trigact.evaluation.crafting import data_config_of, evaluation_images
 from trigact.evaluation.tables import bank_rows, robustness_tables, write_results
@@ -51,7 +53,7 @@ def victim_columns(cfg: DictConfig) -> dict[str, dict]:
 def run_evaluate(cfg: DictConfig):
     # Settings first: a bad one must not wait for every bundle and bank to load.
     check_name(cfg.name, "name")  # a folder name under outputs/evaluate, not a path out of it
-    batch_size = check_steps(cfg.batch_size, "batch_size")
+    batch_size = cfg.batch_size if cfg.batch_size == AUTO else check_steps(cfg.batch_size, "batch_size")
     # What the banks were crafted with: they are found by it.
     seed, n_eval, split = check_seed(cfg.seed, "seed"), check_n_eval(cfg.get("n_eval")), check_split(cfg.get("split", "test"))
     if cfg.get("threat"):
@@ -65,6 +67,9 @@ def run_evaluate(cfg: DictConfig):
     banks = load_at_budgets(cfg.paths.output_dir, data_name, surrogates, list(cfg.attacks), CONF_DIR, budget,
                             seed=seed, n_eval=n_eval, split=split, data_overrides=as_dict(cfg.get("data_overrides")))
     victims, runs, records, groups = defended_victims(cfg, columns)
+    # auto: the largest scoring batch (forward only) that fits on every victim's device.
+    shape = tuple(stored_images(next(iter(banks.values()))).shape[1:])
+    batch_size = batch_size_for(victims.values(), shape, batch_size, backward=False)
     matrix = evaluate_victims(victims, surrogates, banks, allow_whitebox=bool(cfg.allow_whitebox),
                            batch_size=batch_size, victim_runs=runs)
     out = write_results(matrix, groups, records, cfg.results_dir, intervals=bool(cfg.get("intervals", False)))
@@ -106,6 +111,8 @@ def run_adaptive(cfg: DictConfig, batch_size: int, seed: int, n_eval, split: str
     models = {n: m for group in columns.values() for n, m in group.items()}
     images = evaluation_images(data_config_of(models), n_eval, as_dict(cfg.get("data_overrides")), split=split)
     x, y = (torch.stack(t) for t in zip(*(images[i] for i in range(len(images)))))
+    # auto: the largest batch whose forward and input-gradient backward fit on every victim's device.
+    batch_size = batch_size_for(victims.values(), tuple(x.shape[1:]), batch_size)
     attacker = None
     if level == "L4":  # the attacker's own labelled images: validation images, never the test split
         if split == "val":

@@ -26,6 +26,9 @@ from trigact.runs.bundle import BUNDLE_NAME, check_finite_model, read_bundle, sa
 from trigact.runs.status import RunAttempt, RunLocked, is_bad_input
 from trigact.training.build import build_callbacks, build_datamodule, build_loggers, build_run
 from trigact.training.checkpoints import VerifiedCheckpointIO, resolve_checkpoint, resume_request
+from trigact.training.performance import (
+    apply_process_settings, compile_options, contiguous_network, prepare_network, split_trainer_config,
+)
 from trigact.training.summary import CARD_NAME, final_metrics, model_card
 from trigact.triggers import trigger_stats
 
@@ -49,6 +52,8 @@ def train(cfg: DictConfig) -> dict:
             with open_dict(cfg):
                 cfg.trainer.accelerator = "cpu"
         check_training_config(cfg)
+        trainer_cfg, execution = split_trainer_config(cfg.trainer)
+        compile_kwargs = compile_options(cfg.model.get("compile"))
         bundle_path = run_dir / BUNDLE_NAME
         if bundle_path.exists():
             payload = read_bundle(bundle_path)
@@ -58,15 +63,18 @@ def train(cfg: DictConfig) -> dict:
                     **payload["meta"]["metrics"], **trigger_stats(payload.get("trigger"))}
 
         L.seed_everything(cfg.seed, workers=True)
+        apply_process_settings(execution)
         datamodule = build_datamodule(cfg)
         module = build_run(cfg, datamodule)
+        prepare_network(module, execution, compile_kwargs)
         callbacks = build_callbacks(cfg)
         ckpt_request = resume_request(cfg.get("ckpt_path"), run_dir)
         # Rank 0 (the process Lightning's launchers start the others from) owns the folder's lock and
         # status; the other ranks of a DDP job train inside its attempt.
         attempt = RunAttempt(run_dir, launch_dir=launch_dir) if rank_zero_only.rank == 0 else None
         with attempt or contextlib.nullcontext():
-            return _train_attempt(cfg, run_dir, bundle_path, attempt, datamodule, module, callbacks, ckpt_request)
+            return _train_attempt(cfg, trainer_cfg, run_dir, bundle_path, attempt, datamodule, module, callbacks,
+                                  ckpt_request)
     except Exception as err:
         if is_bad_input(err) and not isinstance(err, RunLocked) and rank_zero_only.rank == 0:
             _discard_rejected_launch(run_dir, launch_dir, Path(cfg.paths.runs_dir))
@@ -102,7 +110,7 @@ def _discard_rejected_launch(run_dir: Path, launch_dir: str | None, runs_dir: Pa
             break
 
 
-def _train_attempt(cfg: DictConfig, run_dir: Path, bundle_path: Path, attempt: RunAttempt | None,
+def _train_attempt(cfg: DictConfig, trainer_cfg: DictConfig, run_dir: Path, bundle_path: Path, attempt: RunAttempt | None,
                    datamodule, module, callbacks, ckpt_request) -> dict:
     note = attempt.retry_note() if attempt is not None else None
     if note:
@@ -117,7 +125,7 @@ def _train_attempt(cfg: DictConfig, run_dir: Path, bundle_path: Path, attempt: R
         # into this run's folder, never into a launch directory shared by other runs.
         plugins = [instantiate(p) for p in cfg.trainer.get("plugins") or []]
         trainer: L.Trainer = instantiate(
-            cfg.trainer, default_root_dir=str(run_dir), callbacks=callbacks, logger=loggers or False,
+            trainer_cfg, default_root_dir=str(run_dir), callbacks=callbacks, logger=loggers or False,
             plugins=[*plugins, VerifiedCheckpointIO()],
         )
         # weights_only: what VerifiedCheckpointIO does anyway; said here for any strategy that loads
@@ -138,6 +146,7 @@ def _train_attempt(cfg: DictConfig, run_dir: Path, bundle_path: Path, attempt: R
     if hasattr(module, "report_metrics"):
         metrics.update(module.report_metrics(results))
     trigger = None if module.trigger is None else module.trigger.tau
+    contiguous_network(module.net)  # a channels_last run's bundle holds weights in the default layout
     # On every rank (they hold the same model): rank 0 alone raising would leave the others waiting
     # in the barrier below. The error ends the attempt as crashed, with no bundle.
     check_finite_model(module.net, trigger, f"run {run_dir}")
