@@ -593,7 +593,7 @@ def test_scoring_a_bank_never_makes_a_float_copy_of_it(tmp_path, setup, monkeypa
 
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.requires_gpu
 def test_batches_on_cuda_are_the_same_pixels_and_the_same_scores(tmp_path, setup):
     """On a GPU: each uint8 batch goes through pinned memory to the device, and is dequantized there
     to exactly the values the CPU gives; a victim on the GPU scores a bank as it does on the CPU."""

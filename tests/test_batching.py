@@ -133,7 +133,7 @@ def test_a_model_on_another_device_is_refused_before_probing():
         eval_batch_size(small_model(), (1, 8, 8), "cuda:0")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.requires_gpu
 def test_auto_on_a_real_gpu_is_a_power_of_two_that_fits():
     model = small_model().cuda()
     per_image = probe_bytes_per_image(model, (1, 8, 8), torch.device("cuda", torch.cuda.current_device()))

@@ -79,7 +79,9 @@ class RecordTraining(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if batch_idx == 0 and not self.seen:
-            conv = next(m for m in pl_module.net.modules() if isinstance(m, torch.nn.Conv2d))
+            # The last conv: the first one's (16, 1, 3, 3) weight and (B, 1, H, W) input are NHWC and
+            # NCHW at once on one-channel digits, so they could not show the layout.
+            conv = [m for m in pl_module.net.modules() if isinstance(m, torch.nn.Conv2d)][-1]
             conv_inputs = []
             handle = conv.register_forward_pre_hook(lambda m, args: conv_inputs.append(args[0]))
             with torch.no_grad():
@@ -122,7 +124,9 @@ def test_bf16_channels_last_training_keeps_the_trigger_fp32(tmp_path, source, re
     over = TINY + ["model=small_cnn", "trigger=learnable", "trigger.alpha=8/255", f"trigger.update.source={source}",
                    "trainer.precision=bf16-mixed", "trainer.channels_last=true",
                    "trainer.float32_matmul_precision=high"]
+    before = torch.get_float32_matmul_precision()
     summary = train(compose_config("train", over, tmp_path))
+    assert torch.get_float32_matmul_precision() == before  # the process-wide setting is restored
     seen = recorder.seen
     assert seen["weight_nhwc"] and seen["input_nhwc"]
     assert seen["tau_dtype"] == torch.float32 and seen["matmul"] == "high"
@@ -134,13 +138,18 @@ def test_bf16_channels_last_training_keeps_the_trigger_fp32(tmp_path, source, re
     assert all(t.is_contiguous() for t in torch.load(summary["bundle"], weights_only=True)["state_dict"].values())
 
 
-def test_compiled_training_matches_eager_and_keeps_checkpoint_keys(tmp_path):
+def test_compiled_training_matches_eager_and_keeps_checkpoint_keys(tmp_path, monkeypatch):
     """torch.compile (backend aot_eager: the compile path without inductor's C++ build, seconds on 2 cores)
     of a learnable-trigger run, epoch-pass update included: the same state-dict keys as eager (no
     ``_orig_mod.``), and weights and trigger within float rounding of the eager run's."""
     over = TINY + ["model=small_cnn", "trigger=learnable", "trigger.alpha=8/255"]
     eager = load_bundle(train(compose_config("train", over, tmp_path / "eager"))["bundle"])
+    calls = []
+    real_compile = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile",
+                        lambda self, *a, **k: (calls.append(k), real_compile(self, *a, **k))[1])
     compiled_summary = train(compose_config("train", over + ["model.compile={backend:aot_eager}"], tmp_path / "c"))
+    assert calls == [{"backend": "aot_eager"}]  # it really was compiled, with the options given
     compiled = load_bundle(compiled_summary["bundle"])
     assert list(compiled.net.state_dict()) == list(eager.net.state_dict())
     assert torch.allclose(compiled.trigger, eager.trigger, atol=1e-6)

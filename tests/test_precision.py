@@ -62,3 +62,32 @@ def test_attack_runs_its_passes_in_the_asked_precision(precision, conv_dtype):
     assert x_adv.dtype == torch.float32
     assert (x_adv - x).abs().max() <= 8 / 255 + 1e-6 and (x_adv - x).abs().max() > 0
     assert 0 <= x_adv.min() and x_adv.max() <= 1
+
+
+def test_bf16_covers_the_model_only_not_the_attacks_own_ops():
+    """TI-FGSM smooths the gradient with a conv of its own: that stays fp32 while the model runs bf16,
+    and the model's forward is its own again after the attack."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    net = ConvNet()
+    cfg = attack_config(CONF_DIR, "tifgsm", {"eps": "8/255", "steps": 2, "precision": "bf16"})
+    attack = attack_from_config(cfg, net)
+    dtypes = []
+    real_conv2d = F.conv2d
+
+    def spy(input, weight, *args, **kwargs):
+        out = real_conv2d(input, weight, *args, **kwargs)
+        if weight.shape[1] == 1 and weight.shape[0] == input.shape[1]:  # the depthwise smoothing kernel
+            dtypes.append(out.dtype)
+        return out
+
+    original_forward = net.forward
+    F.conv2d = spy
+    try:
+        attack(torch.rand(4, 1, 8, 8), torch.randint(0, 10, (4,)))
+    finally:
+        F.conv2d = real_conv2d
+    assert set(net.conv_dtypes) == {torch.bfloat16}
+    assert dtypes and set(dtypes) == {torch.float32}
+    assert net.forward == original_forward and "forward" not in net.__dict__

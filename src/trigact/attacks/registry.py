@@ -253,9 +253,16 @@ class TransferAttack:
             # needs the weights to require grad, even on a surrogate its caller froze.
             for p in params:
                 p.requires_grad_(self.spec.needs_param_grads)
-            with torch.enable_grad(), autocast(self.device, self.precision):
+            if self.precision is not None:
+                # Only the model's forward (and its backward) in bf16, with fp32 logits out: the attack's
+                # own autocast-listed ops (TI's smoothing conv, SSA's DCT matmuls) stay fp32. Set on the
+                # instance, so every hook and submodule path the attack relies on is unchanged.
+                self.model.forward = _autocast_forward(self.model.forward, self.device, self.precision)
+            with torch.enable_grad():
                 x_adv = self.impl(x, y).detach()
         finally:
+            if self.precision is not None:
+                self.model.__dict__.pop("forward", None)
             self.model.train(was_training)
             for p, flag, grad in zip(params, requires_grad, saved_grads):
                 p.requires_grad_(flag)
@@ -268,6 +275,15 @@ class TransferAttack:
     def __repr__(self) -> str:
         settings = ", ".join(f"{k}={v!r}" for k, v in self.config.items())
         return f"TransferAttack({settings})"
+
+
+def _autocast_forward(forward, device, precision):
+    def run(*args, **kwargs):
+        with autocast(device, precision):
+            out = forward(*args, **kwargs)
+        return out.float() if torch.is_tensor(out) and out.is_floating_point() else out
+
+    return run
 
 
 def _check_surrogate(spec: AttackSpec, model: nn.Module) -> None:

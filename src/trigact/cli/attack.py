@@ -23,9 +23,12 @@ from trigact.common.validate import check_n_eval, check_seed, check_split, check
 from trigact.evaluation.budgets import check_attacks, craft_at_budgets
 from trigact.evaluation.crafting import data_config_of, evaluation_images
 from trigact.common.batching import AUTO, batch_size_for
+from trigact.common.devices import model_device
 from trigact.evaluation.tables import bank_rows
 from trigact.runs import register_resolvers
 from trigact.runs.selection import as_dict, select
+
+ATTACK_COPIES = 32  # the most copies of a batch one attack forward holds in the suite, rounded up
 
 register_resolvers()
 
@@ -42,8 +45,13 @@ def run_attack(cfg: DictConfig) -> list[dict]:
     surrogates = select(cfg, "surrogates")
     data_cfg = data_config_of(surrogates)
     images = evaluation_images(data_cfg, n_eval, data_overrides, split=split)
-    # auto: the largest batch whose forward and input-gradient backward fit on every surrogate's device.
-    batch_size = batch_size_for(surrogates.values(), tuple(images[0][0].shape), batch_size)
+    # auto: the largest batch whose forward and input-gradient backward fit on every surrogate's device,
+    # divided by the widest attack's copies per forward (FIA's 30 aggregate samples, BSR's 20 shuffles,
+    # Admix's 15 mixes: torchattack concatenates them into one batch).
+    if batch_size == AUTO:
+        batch_size = batch_size_for(surrogates.values(), tuple(images[0][0].shape), AUTO)
+        if any(model_device(m).type == "cuda" for m in surrogates.values()):
+            batch_size = max(1, batch_size // ATTACK_COPIES)
     banks = craft_at_budgets(
         cfg.paths.output_dir, data_cfg["name"], images, surrogates, list(cfg.attacks), CONF_DIR,
         overrides, batch_size=batch_size, seed=seed, progress=bool(cfg.get("progress", True)),

@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 
 from trigact.attacks.config import budget_overrides
 from trigact.cli import quiet_libraries, user_errors
-from trigact.common.batching import AUTO, batch_size_for
+from trigact.common.batching import AUTO, CPU_DEFAULT, batch_size_for
 from trigact.common.config import CONF_DIR
 from trigact.common.errors import TrigactError
 from trigact.common.io import atomic_write_json, atomic_write_text
@@ -68,8 +68,11 @@ def run_evaluate(cfg: DictConfig):
                             seed=seed, n_eval=n_eval, split=split, data_overrides=as_dict(cfg.get("data_overrides")))
     victims, runs, records, groups = defended_victims(cfg, columns)
     # auto: the largest scoring batch (forward only) that fits on every victim's device.
-    shape = tuple(stored_images(next(iter(banks.values()))).shape[1:])
-    batch_size = batch_size_for(victims.values(), shape, batch_size, backward=False)
+    if batch_size == AUTO and banks:
+        shape = tuple(stored_images(next(iter(banks.values()))).shape[1:])
+        batch_size = batch_size_for(victims.values(), shape, batch_size, backward=False)
+    elif batch_size == AUTO:
+        batch_size = CPU_DEFAULT  # no banks: evaluate_victims says what is missing
     matrix = evaluate_victims(victims, surrogates, banks, allow_whitebox=bool(cfg.allow_whitebox),
                            batch_size=batch_size, victim_runs=runs)
     out = write_results(matrix, groups, records, cfg.results_dir, intervals=bool(cfg.get("intervals", False)))

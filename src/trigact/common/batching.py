@@ -120,7 +120,9 @@ def probe_bytes_per_image(model: nn.Module, sample_shape: Sequence[int], device:
                 with torch.inference_mode(False), torch.set_grad_enabled(backward):
                     x = torch.full((probe_batch, *sample_shape), 0.5, device=device, requires_grad=backward)
                     out = model(x)
-                    if backward:
+                    # A victim behind a non-differentiable defense (JPEG, DiffPure: no_grad inside) has no
+                    # input gradient to take; its forward is then all an attack can cost per call.
+                    if backward and out.requires_grad:
                         (grad,) = torch.autograd.grad(out.float().sum(), [x])  # not into any param's .grad
                         del grad
                 del out, x

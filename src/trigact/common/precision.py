@@ -1,9 +1,10 @@
 """The arithmetic an attack's forward and backward passes run in: fp32, or bf16 autocast.
 
-bf16 autocast roughly doubles convolution throughput on GPU tensor cores. Only the ops on autocast's
-lists (convolutions, matmuls) run in bf16; the attack's own steps (``x + alpha * sign(g)``, the
-projection onto the eps ball) and the loss (``cross_entropy`` is on autocast's fp32 list) stay fp32,
-and so does the input gradient, which arrives at the fp32 image. Whether success rates stay within
+bf16 autocast roughly doubles convolution throughput on GPU tensor cores. An attack applies it to the
+surrogate's forward only (:class:`trigact.attacks.registry.TransferAttack`), whose logits come out as
+fp32: inside the model the ops on autocast's lists (convolutions, matmuls) run in bf16; the attack's
+own steps (``x + alpha * sign(g)``, the projection onto the eps ball, TI's smoothing, SSA's DCT) and
+its loss stay fp32, and so does the input gradient, which arrives at the fp32 image. Whether success rates stay within
 noise of fp32 is measured, not assumed: ``benchmarks/precision_cost.py``.
 """
 

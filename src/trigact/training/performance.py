@@ -11,8 +11,11 @@ built, and the run hash leaves them out (:mod:`trigact.runs.naming`), so switchi
 retrains finished runs nor splits one config's runs into two folders.
 
 - ``channels_last``: the network's weights and every 4-D batch go to ``torch.channels_last``.
-- ``float32_matmul_precision``: ``torch.set_float32_matmul_precision`` (``highest``: exact fp32;
-  ``high``: TF32 on Ampere and newer). Process-wide: set when a run starts.
+- ``float32_matmul_precision``: ``torch.set_float32_matmul_precision`` for fp32 matmuls
+  (``highest``: full fp32; ``high``: TF32 on Ampere and newer). cuDNN convolutions are another switch,
+  ``torch.backends.cudnn.allow_tf32``, which PyTorch leaves on (TF32) by default and we leave alone;
+  under bf16-mixed both matter only for the ops autocast keeps in fp32. Process-wide: set when a run
+  starts and restored when ``train`` returns.
 - ``benchmark: auto``: Lightning's ``benchmark`` (``torch.backends.cudnn.benchmark``) set to
   ``not deterministic``; Lightning itself only accepts true, false or null.
 

@@ -45,6 +45,9 @@ def train(cfg: DictConfig) -> dict:
     """Train (or find already trained) the run described by ``cfg``; return its summary."""
     run_dir = Path(cfg.paths.run_dir)
     launch_dir = _launch_dir()
+    # The profile's TF32 setting is process-wide: restored afterwards, so that what runs next in this
+    # process (the pipeline's attacks, another training) computes as it would in a process of its own.
+    matmul_precision = torch.get_float32_matmul_precision()
     try:
         # experiment=paper_* selects trainer=gpu: refused without a GPU, unless allow_cpu=true.
         if cpu_fallback(bool(cfg.get("require_accelerator", False)), bool(cfg.get("allow_cpu", False)),
@@ -79,6 +82,8 @@ def train(cfg: DictConfig) -> dict:
         if is_bad_input(err) and not isinstance(err, RunLocked) and rank_zero_only.rank == 0:
             _discard_rejected_launch(run_dir, launch_dir, Path(cfg.paths.runs_dir))
         raise
+    finally:
+        torch.set_float32_matmul_precision(matmul_precision)
 
 
 def _launch_dir() -> str | None:
