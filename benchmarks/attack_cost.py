@@ -26,18 +26,28 @@ import torch.nn.functional as F
 
 from trigact.attacks import build_attack, list_attacks
 from trigact.common.errors import TrigactError
+from trigact.common.precision import autocast, parse_precision
 from trigact.data import DigitsDataModule
 from trigact.models import build_model
 
 TARGET = 0.8
 
 
-def bare_seconds(model, x, y, steps: int) -> float:
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bare_seconds(model, x, y, steps: int, precision=None) -> float:
     """``steps`` forward+backward passes to the input: what any gradient attack must at least do."""
+    sync(x.device)
     start = time.perf_counter()
     for _ in range(steps):
         x_ = x.detach().requires_grad_(True)
-        (grad,) = torch.autograd.grad(F.cross_entropy(model(x_), y), x_)
+        with autocast(x.device, precision):
+            loss = F.cross_entropy(model(x_), y)
+        (grad,) = torch.autograd.grad(loss, x_)
+    sync(x.device)
     return time.perf_counter() - start
 
 
@@ -56,8 +66,10 @@ def attack_run(attack, model, x, y) -> tuple[float, int]:
     """(seconds, images evaluated) for one call of ``attack``."""
     counter = EvaluationCounter(model)
     try:
+        sync(x.device)
         start = time.perf_counter()
         attack(x, y)
+        sync(x.device)
         return time.perf_counter() - start, counter.images
     finally:
         counter.handle.remove()
@@ -71,14 +83,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--attacks", default="", help="comma-separated names (default: every attack)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--precision", default=None, help="bf16: attacks and the limit under bf16 autocast")
     args = parser.parse_args()
+    device = torch.device(args.device)
+    precision = parse_precision(args.precision, "--precision")
 
     torch.manual_seed(0)
     dm = DigitsDataModule(image_size=args.image_size)
     dm.setup()
-    x = torch.stack([dm.test_set[i][0] for i in range(args.batch_size)])
-    y = torch.stack([dm.test_set[i][1] for i in range(args.batch_size)])
-    model = build_model(args.model, dm.num_classes, dm.in_chans, dm.image_size, dm.mean, dm.std).eval()
+    # Digits has 360 test images: a larger batch repeats them (the cost does not depend on the pixels).
+    index = [i % len(dm.test_set) for i in range(args.batch_size)]
+    x = torch.stack([dm.test_set[i][0] for i in index]).to(device)
+    y = torch.stack([torch.as_tensor(dm.test_set[i][1]) for i in index]).to(device)
+    model = build_model(args.model, dm.num_classes, dm.in_chans, dm.image_size, dm.mean, dm.std).eval().to(device)
     for p in model.parameters():  # as for any attack on a frozen surrogate
         p.requires_grad_(False)
     names = [n for n in args.attacks.split(",") if n] or list_attacks()
@@ -86,15 +104,16 @@ def main() -> None:
     for name in names:
         try:
             attacks[name] = build_attack(name, model, eps="8/255", steps=args.steps)
+            attacks[name].precision = precision
         except TrigactError as err:
             refused[name] = str(err)
 
-    bare_seconds(model, x, y, 2)  # warm-up
+    bare_seconds(model, x, y, 2, precision)  # warm-up
     ratios: dict[str, list[float]] = {name: [] for name in attacks}
     per_step: dict[str, float] = {}
     bare = []
     for _ in range(args.rounds):
-        base = bare_seconds(model, x, y, args.steps)
+        base = bare_seconds(model, x, y, args.steps, precision)
         bare.append(base)
         limit = args.batch_size * args.steps / base  # images per second
         for name, attack in attacks.items():
@@ -105,7 +124,8 @@ def main() -> None:
 
     limit = args.batch_size * args.steps / statistics.median(bare)
     print(f"\nmodel={args.model} image_size={args.image_size} batch={args.batch_size} steps={args.steps} "
-          f"threads={torch.get_num_threads()} rounds={args.rounds}")
+          f"threads={torch.get_num_threads()} rounds={args.rounds} device={args.device} "
+          f"precision={precision or 'fp32'}")
     print(f"bare forward+backward: {limit:.0f} images/s (the limit)\n")
     print("| attack | evaluations per image per step | throughput / limit (median) | min-max over rounds |"
           f" >= {TARGET} |")

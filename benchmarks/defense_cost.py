@@ -36,7 +36,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from _epoch_timing import fit_epoch_times
+from _epoch_timing import fit_epoch_times, sync
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -93,6 +93,8 @@ def training_configs(args) -> dict:
               f"trainer.max_epochs={args.epochs}", "logger=none", f"paths.root_dir={tempfile.gettempdir()}"]
     if args.image_size is not None:
         common.append(f"data.image_size={args.image_size}")
+    if args.data_root is not None:
+        common.append(f"data.root={args.data_root}")
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return {name: compose(config_name="train", overrides=[f"method={method}", f"trigger={trigger}", *common])
                 for name, (method, trigger) in TRAINING.items()}
@@ -107,7 +109,8 @@ def epoch_seconds(cfg, datamodule, args) -> float:
     if update:  # every epoch updates, so every measured epoch carries the pass
         callbacks.append(instantiate(update, update_fraction=1.0))
     times = fit_epoch_times(module, datamodule, epochs=args.epochs, callbacks=callbacks,
-                            clock=CLOCKS[args.clock], limit_train_batches=args.steps)
+                            clock=CLOCKS[args.clock], limit_train_batches=args.steps,
+                            accelerator="gpu" if args.device == "cuda" else "cpu", precision=args.precision)
     return statistics.mean(times)
 
 
@@ -155,9 +158,11 @@ def build_defenses(args, image_size: int) -> dict:
 
 
 def per_call_seconds(fn, x, reps: int, clock=time.perf_counter) -> float:
+    sync(x.device)
     start = clock()
     for _ in range(reps):
         fn(x)
+    sync(x.device)
     return (clock() - start) / reps
 
 
@@ -191,6 +196,9 @@ def main() -> None:
                         help="reverse steps of the DiffPure measured (conf/defense/diffpure.yaml: t*=0.1, all 100)")
     parser.add_argument("--unet-channels", type=int, nargs=2, default=(16, 32), help="DiffPure UNet block widths")
     parser.add_argument("--min-seconds", type=float, default=0.2, help="repeat a test-time call until it lasts this long")
+    parser.add_argument("--data-root", default=None, help="data.root, where the data config's default is not it")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--precision", default="32-true", help="training precision, e.g. bf16-mixed")
     parser.add_argument("--skip-training", action="store_true")
     parser.add_argument("--skip-test", action="store_true")
     args = parser.parse_args()
@@ -207,6 +215,9 @@ def main() -> None:
                       datamodule.mean, datamodule.std).eval()
     x = torch.stack([datamodule.test_set[i][0] for i in range(min(args.batch_size, len(datamodule.test_set)))])
     defenses = {} if args.skip_test else build_defenses(args, image_size)
+    net, x = net.to(args.device), x.to(args.device)
+    for defense, _, _ in defenses.values():
+        defense.to(args.device)
     calls = {"bare": net, **{label: defended(net, d) for label, (d, _, _) in defenses.items()}}
     with torch.no_grad():
         reps = {label: calibrated_reps(fn, x, args.min_seconds) for label, fn in calls.items()}
@@ -224,7 +235,8 @@ def main() -> None:
         print(f"round {r + 1}/{args.rounds} done", flush=True)
 
     print(f"\nmodel={args.model} data={args.data} image_size={image_size} batch={x.shape[0]} "
-          f"threads={torch.get_num_threads()} rounds={args.rounds} clock={args.clock}")
+          f"threads={torch.get_num_threads()} rounds={args.rounds} clock={args.clock} device={args.device} "
+          f"precision={args.precision}")
     if not args.skip_training:
         print(f"\nTraining: one epoch of {args.steps} batches ({args.epochs} epochs per fit, the first dropped)\n")
         print("| method | s/epoch (median) | ratio to standard (median) | min-max over rounds | estimate (compute only) |")

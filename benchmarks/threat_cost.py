@@ -8,7 +8,9 @@ early on images it has fooled: Square and the PGD restarts; so the model is trai
 first). Reported per attack: seconds per image, the ratio to PGD-20 (the paper's attack) in the same
 round, and the model evaluations (queries) per image, counted by a forward hook. Rounds interleave
 every attack with PGD-20; medians are reported. L4's attacks run here on the deployed model itself
-(through an estimate or the raw network they cost the same: one more addition and clamp per call).
+(through an estimate or the raw network they cost the same: one more addition and clamp per call); its
+three trigger estimators (the defender's objective, Neural Cleanse-style, USB-style universal) run on
+the raw network f, as the attacker has it, once per victim.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from trigact.common.config import CONF_DIR
 from trigact.data import DigitsDataModule
 from trigact.models.deployed import DeployedModel
 from trigact.threats.adaptive import applicable, build_adaptive
-from trigact.threats.estimate import estimate_trigger
+from trigact.threats.estimate import estimate_stamp, estimate_trigger, estimate_universal
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from _helpers_torch import train_digits_net  # noqa: E402  (the tests' quick digits training)
@@ -42,9 +44,24 @@ class Counter(torch.nn.Module):
     def trigger(self):  # trigger_flip reads it off the victim
         return self.model.trigger
 
+    @property
+    def net(self):  # the raw network f, as L4's estimators get it, counted into the same total
+        return RawCounter(self)
+
     def forward(self, x):
         self.images += len(x)
         return self.model(x)
+
+
+class RawCounter(torch.nn.Module):
+    def __init__(self, counter: Counter):
+        super().__init__()
+        self.raw = counter.model.net
+        object.__setattr__(self, "counter", counter)  # not a submodule: no second parameter copy
+
+    def forward(self, x):
+        self.counter.images += len(x)
+        return self.raw(x)
 
 
 def timed(fn, model, x, y) -> tuple[float, int]:
@@ -88,6 +105,15 @@ def main() -> None:
                 return lambda xb, yb: estimate_trigger(m, xb, yb, bound=est["bound"], steps=est["steps"],
                                                        restarts=est["restarts"])
             jobs["L4 trigger estimate (once per victim)"] = estimate
+            nc, universal = cfg["neural_cleanse"], cfg["universal"]
+
+            def stamp(m, nc=nc):  # the Neural Cleanse-style estimate (through: neural_cleanse)
+                return lambda xb, yb: estimate_stamp(m.net, xb, yb, **nc)
+
+            def uap(m, universal=universal):  # the USB-style estimate (through: universal)
+                return lambda xb, yb: estimate_universal(m.net, xb, yb, **universal)
+            jobs["L4 Neural Cleanse-style estimate (once per victim)"] = stamp
+            jobs["L4 USB-style universal estimate (once per victim)"] = uap
 
     timed(jobs["pgd (L0-L3 banks, PGD-20)"], model, x, y)  # warm-up: the first call pays one-off costs
     seconds: dict[str, list[float]] = {k: [] for k in jobs}
