@@ -255,7 +255,7 @@ def test_model_configs_match_the_registry():
     configs = {path.stem: yaml.safe_load(path.read_text()) for path in CONF_DIR.glob("*.yaml")}
     assert sorted(configs) == list_models()
     for stem, config in configs.items():
-        assert config == {"name": stem, "kwargs": {}}
+        assert config == {"name": stem, "kwargs": {}, "compile": False}
 
 
 def test_a_deployed_unit_takes_resized_inputs_with_its_trigger_resampled():

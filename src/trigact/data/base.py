@@ -267,10 +267,14 @@ class TrigactDataModule(L.LightningDataModule):
             return False
         if self.pin_memory_setting != "auto":
             return self.pin_memory_setting
-        trainer = getattr(self, "trainer", None)
-        if trainer is not None:
-            return trainer.strategy.root_device.type == "cuda"
-        return torch.cuda.is_available()
+        device = self._trainer_device()
+        return device.type == "cuda" if device is not None else torch.cuda.is_available()
+
+    def _trainer_device(self) -> torch.device | None:
+        """The attached trainer's device (None without a trainer, or with a stand-in that has no
+        strategy, as tests use to play a DDP rank)."""
+        strategy = getattr(getattr(self, "trainer", None), "strategy", None)
+        return getattr(strategy, "root_device", None)
 
     def build_splits(self) -> DatasetSplits:
         """Load the data and return its train / train-eval / val / test views. Called once, by `setup`."""
@@ -331,8 +335,7 @@ class TrigactDataModule(L.LightningDataModule):
     def _device_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(train images, train labels, test images, test labels) on the trainer's device (the CPU
         without a trainer), moved there once per device."""
-        trainer = getattr(self, "trainer", None)
-        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        device = self._trainer_device() or torch.device("cpu")
         if self._recipe is None:
             self._recipe = self.device_recipe()
         key = str(device)
