@@ -300,6 +300,17 @@ class TrigactDataModule(L.LightningDataModule):
         them (see DeviceRecipe). Called once, after `build_splits`, by the datasets that allow it."""
         raise NotImplementedError(f"{type(self).__name__} does not implement device_recipe()")
 
+    def recipe_from_bases(self, **batching) -> DeviceRecipe:
+        """The DeviceRecipe of a dataset whose `build_splits` kept its two TensorDatasets as `_bases`
+        (train, test) and carved train-eval / val views from the first: those tensors and the views'
+        positions; `batching`: DeviceRecipe's resize / augment."""
+        (train_images, train_labels), (test_images, test_labels) = (base.tensors for base in self._bases)
+        return DeviceRecipe(
+            train_images=train_images, train_labels=train_labels, test_images=test_images, test_labels=test_labels,
+            train_positions=torch.as_tensor(self.train_eval_set.indices, dtype=torch.long),
+            val_positions=torch.as_tensor(self.val_set.indices, dtype=torch.long), **batching,
+        )
+
     def setup(self, stage: str | None = None) -> None:
         """Build the datasets once; later calls (fit, then test) reuse them."""
         self._few_workers_advice(quiet=True)

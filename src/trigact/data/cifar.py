@@ -77,13 +77,7 @@ class CIFARDataModule(TrigactDataModule):
         return DatasetSplits(train=train, train_eval=train_eval, val=val, test=TransformedDataset(test_base, to_float))
 
     def device_recipe(self) -> DeviceRecipe:
-        (train_images, train_labels), (test_images, test_labels) = (base.tensors for base in self._bases)
-        return DeviceRecipe(
-            train_images=train_images, train_labels=train_labels, test_images=test_images, test_labels=test_labels,
-            train_positions=torch.as_tensor(self.train_eval_set.indices, dtype=torch.long),
-            val_positions=torch.as_tensor(self.val_set.indices, dtype=torch.long),
-            augment=CropFlip(self.PADDING),
-        )
+        return self.recipe_from_bases(augment=CropFlip(self.PADDING))
 
 
 class CIFAR10DataModule(CIFARDataModule):

@@ -133,11 +133,5 @@ class FashionMNISTDataModule(TrigactDataModule):
         return DatasetSplits(train=train, train_eval=train_eval, val=val, test=TransformedDataset(test_base, eval_tf))
 
     def device_recipe(self) -> DeviceRecipe:
-        (train_images, train_labels), (test_images, test_labels) = (base.tensors for base in self._bases)
-        return DeviceRecipe(
-            train_images=train_images, train_labels=train_labels, test_images=test_images, test_labels=test_labels,
-            train_positions=torch.as_tensor(self.train_eval_set.indices, dtype=torch.long),
-            val_positions=torch.as_tensor(self.val_set.indices, dtype=torch.long),
-            resize=None if self.image_size == NATIVE_SIZE else self.image_size,
-            augment=CropFlip(self.PADDING) if self.augment else None,
-        )
+        return self.recipe_from_bases(resize=None if self.image_size == NATIVE_SIZE else self.image_size,
+                                      augment=CropFlip(self.PADDING) if self.augment else None)
