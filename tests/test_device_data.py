@@ -8,6 +8,7 @@ the CPU here, which is the "device" when there is no trainer or the trainer runs
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import lightning as L
@@ -251,12 +252,12 @@ class SaveAndCrash(L.Callback):
             raise Preempted
 
 
-def fit(root, tmp_path, ckpt_path=None, callbacks=(), model=None):
+def fit(root, tmp_path, ckpt_path=None, callbacks=(), model=None, plugins=()):
     dm = FashionMNISTDataModule(root=str(root), augment=True, val_size=0, batch_size=8, seed=4, placement="device")
     model = BatchRecorder() if model is None else model
-    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
-                        callbacks=list(callbacks), deterministic=True)
+                        callbacks=list(callbacks), deterministic=True, plugins=list(plugins))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*ended before the epoch ended.*")  # Lightning's own doubt
         trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
@@ -279,6 +280,63 @@ def test_a_run_resumed_from_a_mid_epoch_checkpoint_trains_as_an_uninterrupted_on
     assert resumed.seen == straight.seen[7:]  # batches 2, 3, 4 of epoch 1, augmented as in the straight run
     for a, b in zip(straight.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
+
+
+class SignalledMidStep(BatchRecorder):
+    """Receives SLURM's requeue signal inside training step `batch` of epoch `epoch`, before its
+    optimizer step: where Lightning's own handler would write the requeue checkpoint."""
+
+    def __init__(self, signum, epoch, batch):
+        super().__init__()
+        self.signum, self.at = signum, (epoch, batch)
+
+    def training_step(self, batch, batch_idx):
+        if (self.current_epoch, batch_idx) == self.at:
+            os.kill(os.getpid(), self.signum)  # the handler runs here, on the main thread
+        return super().training_step(batch, batch_idx)
+
+
+class KilledAfterRequeue(L.Callback):
+    """SLURM ends a requeued job: stop at the first batch that starts once a requeue checkpoint exists."""
+
+    def __init__(self, run_dir):
+        self.run_dir = run_dir
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if list(self.run_dir.glob("hpc_ckpt_*.ckpt")):
+            raise Preempted
+
+
+@pytest.mark.parametrize("deferred", [True, False])
+def test_a_run_requeued_by_slurm_mid_step_resumes_as_an_uninterrupted_one(fashion_root, tmp_path, monkeypatch,
+                                                                          deferred):
+    """Lightning saves the requeue checkpoint inside the signal handler, here in the middle of a step:
+    the weights from before the step, the data position after it. DeferredRequeue saves at the step's
+    end. (deferred=False shows the test can fail: the plain handler's resume misses a batch.)"""
+    from lightning.pytorch.trainer.connectors import signal_connector
+
+    from trigact.callbacks import DeferredRequeue
+    from trigact.training.cluster import slurm_environment
+
+    requeued = []
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setattr(signal_connector, "call", lambda cmd, **kw: requeued.append(cmd) or 0)
+    torch.manual_seed(0)
+    straight = fit(fashion_root, tmp_path / "a")
+    plugin = slurm_environment("SIGUSR2")
+    torch.manual_seed(0)
+    signalled = SignalledMidStep(plugin.requeue_signal, epoch=1, batch=1)
+    run_dir = tmp_path / "b"
+    callbacks = [KilledAfterRequeue(run_dir), *([DeferredRequeue()] if deferred else [])]
+    with pytest.raises(Preempted):
+        fit(fashion_root, run_dir, callbacks=callbacks, model=signalled, plugins=[plugin])
+    assert requeued == [["scontrol", "requeue", "4242"]]
+    (checkpoint,) = run_dir.glob("hpc_ckpt_*.ckpt")
+    torch.manual_seed(1)
+    resumed = fit(fashion_root, tmp_path / "c", ckpt_path=str(checkpoint))
+    same = resumed.seen == straight.seen[7:] and all(
+        torch.equal(a, b) for a, b in zip(straight.parameters(), resumed.parameters()))
+    assert same is deferred
 
 
 # ------------------------------------------------------------------ host loaders: auto settings, errors

@@ -1,7 +1,8 @@
 """SLURM: there is no cluster here, so drive hydra-submitit-launcher up to the sbatch script it would
 submit (nothing is submitted) and check that the allocation follows the trainer and that the signal
-SLURM is told to send is the one Lightning's SLURM environment listens to. (Requeue itself cannot be
-exercised without SLURM.)"""
+SLURM is told to send is the one Lightning's SLURM environment listens to, and that trigact defers the
+requeue checkpoint to a step boundary. (The resume from a signal received mid-step is in
+tests/test_device_data.py; the requeue itself cannot be exercised without SLURM.)"""
 
 import os
 import re
@@ -97,3 +98,54 @@ def test_a_bad_signal_name_is_one_line(tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err == "trigact: error: requeue_signal='SIGNOPE' is not a signal; e.g. SIGUSR1 or SIGUSR2\n"
+
+
+def test_trainer_slurm_defers_the_requeue_checkpoint_to_a_step_boundary(tmp_path):
+    from trigact.callbacks import DeferredRequeue
+    from trigact.callbacks.requeue import with_deferred_requeue
+
+    plugins = [instantiate(p) for p in slurm_config(tmp_path).trainer.plugins]
+    added = with_deferred_requeue([], plugins)
+    assert [type(c) for c in added] == [DeferredRequeue]
+    assert with_deferred_requeue([], []) == []  # no SLURM requeue, nothing to defer
+    (plugin,) = plugins
+    trainer = L.Trainer(accelerator="cpu", devices=1, plugins=[plugin], callbacks=added, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    connector = trainer._signal_connector
+    added[0].setup(trainer, None, "fit")
+    connector.register_signal_handlers()
+    try:
+        handlers = getattr(signal.getsignal(plugin.requeue_signal), "signal_handlers", [])
+        assert added[0]._note_signal in handlers and connector._slurm_sigusr_handler_fn == added[0]._note_signal
+    finally:
+        connector.teardown()
+        added[0].teardown(trainer, None, "fit")
+    assert "_slurm_sigusr_handler_fn" not in vars(connector)  # Lightning's own method again
+
+
+def test_under_ddp_every_rank_saves_the_requeue_checkpoint_at_the_same_step(monkeypatch):
+    """A rank that has not seen the signal yet still saves when another rank has (any-reduce), so
+    the ranks never wait on each other in save_checkpoint's barrier at different steps."""
+    from trigact.callbacks import DeferredRequeue
+
+    saved, asked = [], []
+
+    class Connector:
+        def _slurm_sigusr_handler_fn(self, signum, frame):
+            saved.append(signum)
+
+    class Strategy:
+        def reduce_boolean_decision(self, decision, all=True):
+            asked.append((decision, all))
+            return True  # another rank was signalled
+
+    env = SimpleNamespace(requeue_signal=signal.SIGUSR2)
+    trainer = SimpleNamespace(world_size=2, strategy=Strategy(), _accelerator_connector=SimpleNamespace(
+        cluster_environment=env))
+    callback = DeferredRequeue()
+    callback._connector = Connector()
+    callback.on_train_batch_end(trainer, None, None, None, 0)
+    assert asked == [(False, False)] and saved == [int(signal.SIGUSR2)]
+    trainer.world_size = 1  # one process: no collective, and nothing pending
+    callback.on_train_batch_end(trainer, None, None, None, 1)
+    assert len(asked) == 1 and len(saved) == 1

@@ -22,8 +22,10 @@ and tau stays bitwise identical. The callback's state (the running sum of a part
 and the update history) is saved in checkpoints, and the update is taken in ``on_train_epoch_end``
 before ModelCheckpoint saves (our checkpoint config sets ``save_on_train_epoch_end: true``), so a
 run resumed from an epoch-end checkpoint takes exactly the updates an uninterrupted one does. A
-mid-epoch checkpoint (e.g. SLURM requeue) keeps the partial ``train_step`` sum, but Lightning does
-not fast-forward the data order, so the rest of that epoch is not batch-for-batch the same.
+mid-epoch checkpoint (e.g. SLURM requeue, written at a step boundary by
+:class:`trigact.callbacks.DeferredRequeue`) keeps the partial ``train_step`` sum; the rest of that
+epoch is batch-for-batch the same with ``data.placement=device`` (which fast-forwards its loader),
+not with host loaders (Lightning does not fast-forward them).
 
 Caveat: ``mode='train'`` under DDP with ``sync_batchnorm`` runs a collective per batch; shards that
 differ by one batch would then wait on each other, so use ``mode='eval'`` (the default) there.

@@ -17,6 +17,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from trigact.callbacks.requeue import with_deferred_requeue
 from trigact.common.devices import cpu_fallback
 from trigact.common.errors import TrigactError
 from trigact.common.io import atomic_write_json, atomic_write_text
@@ -129,6 +130,8 @@ def _train_attempt(cfg: DictConfig, trainer_cfg: DictConfig, run_dir: Path, bund
         # default_root_dir: Lightning's own files (SLURM hpc_ckpt_*.ckpt, default checkpoints) go
         # into this run's folder, never into a launch directory shared by other runs.
         plugins = [instantiate(p) for p in cfg.trainer.get("plugins") or []]
+        # SLURM's requeue checkpoint at a step boundary, not inside the signal handler (see its module).
+        callbacks = with_deferred_requeue(callbacks, plugins)
         trainer: L.Trainer = instantiate(
             trainer_cfg, default_root_dir=str(run_dir), callbacks=callbacks, logger=loggers or False,
             plugins=[*plugins, VerifiedCheckpointIO()],
