@@ -19,7 +19,7 @@ from torchvision.transforms import v2
 
 from trigact.common.errors import TrigactError
 from trigact.data import CIFAR10DataModule, DigitsDataModule, FashionMNISTDataModule, ImageNetSubsetDataModule
-from trigact.data.base import FEW_WORKERS_ADVICE, MAX_AUTO_WORKERS, auto_num_workers
+from trigact.data.base import FEW_WORKERS_ADVICE, MAX_AUTO_WORKERS, NOT_RESUMABLE_WARNING, auto_num_workers
 from trigact.data.device import CropFlip, DeviceLoader, augment_seed, crop_flip
 
 from _datasets_on_disk import accept_tiny_cifar_checksums, write_cifar, write_fashion_mnist
@@ -259,8 +259,12 @@ def fit(root, tmp_path, ckpt_path=None, callbacks=(), model=None, plugins=()):
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
                         callbacks=list(callbacks), deterministic=True, plugins=list(plugins))
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*ended before the epoch ended.*")  # Lightning's own doubt
+        # Lightning doubts a mid-epoch resume of a loader it cannot fast-forward; this one fast-forwards
+        # itself, and the datamodule silences that doubt for it alone.
+        warnings.filterwarnings("error", message=NOT_RESUMABLE_WARNING)
         trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+        assert not [f for f in warnings.filters if f[0] == "ignore" and getattr(f[1], "pattern", None) ==
+                    NOT_RESUMABLE_WARNING]  # the silencing ended with the fit
     return model
 
 

@@ -30,6 +30,7 @@ PLACEMENTS = ("host", "device")
 MAX_AUTO_WORKERS = 8
 # Lightning's advice to give a DataLoader more workers (its `_worker_check`, a PossibleUserWarning).
 FEW_WORKERS_ADVICE = r"The '\w+' does not have many workers"
+NOT_RESUMABLE_WARNING = r"You're resuming from a checkpoint that ended before the epoch ended"
 
 
 class DatasetSplits(NamedTuple):
@@ -251,7 +252,7 @@ class TrigactDataModule(L.LightningDataModule):
         self._on_device: dict[str, tuple[torch.Tensor, ...]] = {}
         self._device_train_loader: DeviceLoader | None = None
         self._device_train_resume: dict | None = None
-        self._quiet_filter = None
+        self._quiet_filters: dict[str, tuple] = {}  # message -> its entry in warnings.filters
 
     @property
     def num_workers(self) -> int:
@@ -322,10 +323,10 @@ class TrigactDataModule(L.LightningDataModule):
         self._built_train_set = splits.train
 
     def teardown(self, stage: str | None = None) -> None:
-        self._few_workers_advice(quiet=False)
+        self._unsilence()
 
     def on_exception(self, exception: BaseException) -> None:
-        self._few_workers_advice(quiet=False)
+        self._unsilence()
 
     def _few_workers_advice(self, quiet: bool) -> None:
         """Silence Lightning's "does not have many workers" advice while a trainer runs this datamodule,
@@ -333,14 +334,22 @@ class TrigactDataModule(L.LightningDataModule):
         worker process would only copy. Only that one message, only between Lightning's `setup` and
         `teardown` (or `on_exception`) calls: other datamodules, and the placement=device loaders
         (not DataLoaders, which Lightning does not check), are untouched."""
-        if quiet and self._quiet_filter is None and self.in_memory and self.placement == "host" \
-                and getattr(self, "trainer", None) is not None:
-            warnings.filterwarnings("ignore", message=FEW_WORKERS_ADVICE, category=PossibleUserWarning)
-            self._quiet_filter = warnings.filters[0]
-        elif not quiet and self._quiet_filter is not None:
-            if self._quiet_filter in warnings.filters:
-                warnings.filters.remove(self._quiet_filter)  # an "ignore" leaves no registry entry behind
-            self._quiet_filter = None
+        if quiet and self.in_memory and self.placement == "host" and getattr(self, "trainer", None) is not None:
+            self._silence(FEW_WORKERS_ADVICE, PossibleUserWarning)
+        elif not quiet:
+            self._unsilence()
+
+    def _silence(self, message: str, category: type[Warning]) -> None:
+        """Ignore one Lightning message until :meth:`_unsilence` (teardown or an exception)."""
+        if message not in self._quiet_filters:
+            warnings.filterwarnings("ignore", message=message, category=category)
+            self._quiet_filters[message] = warnings.filters[0]
+
+    def _unsilence(self) -> None:
+        for entry in self._quiet_filters.values():
+            if entry in warnings.filters:
+                warnings.filters.remove(entry)  # an "ignore" leaves no registry entry behind
+        self._quiet_filters = {}
 
     # ------------------------------------------------------------------ placement=device
     def _device_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -445,6 +454,11 @@ class TrigactDataModule(L.LightningDataModule):
                     "use data.placement=host"
                 )
             loader = self._device_loader("train", sampler, self.batch_size, rank, augment=True)
+            if self._device_train_resume and self._device_train_resume.get("batches"):
+                # Lightning warns that a mid-epoch resume "can cause unreliable results" because it
+                # cannot fast-forward a loader without its Stateful protocol; this one fast-forwards
+                # itself (from the datamodule's state, which a placement=host resume may ignore).
+                self._silence(NOT_RESUMABLE_WARNING, UserWarning)
             loader.resume(self._device_train_resume)  # once: only the first epoch after a resume skips
             self._device_train_resume = None
             self._device_train_loader = loader
