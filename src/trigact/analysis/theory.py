@@ -268,8 +268,11 @@ def theorem2_rows(name: str, model, g: torch.Tensor, banks: Mapping, batch_size:
             model.train(was_training)
         log_c = math.log(classes)
         bound = eps / eps_t * log_c
-        delta = (bank.x_adv.double() - bank.x_clean.double()).flatten(1)
-        g_dot_delta = float((delta @ g.flatten()).mean())
+        # Batch by batch: a whole-bank float64 copy of both image sets would be 16 bytes per pixel.
+        g_flat, total = g.flatten(), 0.0
+        for (x_adv, _), (x_clean, _) in zip(bank.batches(batch_size), bank.batches(batch_size, clean=True)):
+            total += float(((x_adv.double() - x_clean.double()).flatten(1) @ g_flat).sum())
+        g_dot_delta = total / max(len(bank), 1)
         g_dot_tau = float((g * tau).sum())
         rows.append({
             "victim": name,
