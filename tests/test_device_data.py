@@ -9,6 +9,7 @@ the CPU here, which is the "device" when there is no trainer or the trainer runs
 from __future__ import annotations
 
 import os
+import signal
 import warnings
 
 import lightning as L
@@ -311,12 +312,15 @@ class KilledAfterRequeue(L.Callback):
             raise Preempted
 
 
-@pytest.mark.parametrize("deferred", [True, False])
+@pytest.mark.parametrize(("handler", "deferred"), [("lightning", True), ("lightning", False), ("submitit", True)])
 def test_a_run_requeued_by_slurm_mid_step_resumes_as_an_uninterrupted_one(fashion_root, tmp_path, monkeypatch,
-                                                                          deferred):
+                                                                          handler, deferred):
     """Lightning saves the requeue checkpoint inside the signal handler, here in the middle of a step:
     the weights from before the step, the data position after it. DeferredRequeue saves at the step's
-    end. (deferred=False shows the test can fail: the plain handler's resume misses a batch.)"""
+    end. (deferred=False shows the test can fail: the plain handler's resume misses a batch.) With
+    handler="submitit" a handler was on the signal before the trainer started, as submitit's is under
+    hydra-submitit-launcher: Lightning then registers none of its own, and DeferredRequeue saves and
+    hands over to that handler, which requeues and exits."""
     from lightning.pytorch.trainer.connectors import signal_connector
 
     from trigact.callbacks import DeferredRequeue
@@ -328,13 +332,28 @@ def test_a_run_requeued_by_slurm_mid_step_resumes_as_an_uninterrupted_one(fashio
     torch.manual_seed(0)
     straight = fit(fashion_root, tmp_path / "a")
     plugin = slurm_environment("SIGUSR2")
-    torch.manual_seed(0)
-    signalled = SignalledMidStep(plugin.requeue_signal, epoch=1, batch=1)
     run_dir = tmp_path / "b"
-    callbacks = [KilledAfterRequeue(run_dir), *([DeferredRequeue()] if deferred else [])]
-    with pytest.raises(Preempted):
-        fit(fashion_root, run_dir, callbacks=callbacks, model=signalled, plugins=[plugin])
-    assert requeued == [["scontrol", "requeue", "4242"]]
+
+    def submitit_handler(signum, frame):  # submitit's checkpoint_and_try_requeue on rank 0, in short
+        requeued.append(["submitit requeue", sorted(p.name for p in run_dir.glob("hpc_ckpt_*.ckpt"))])
+        raise SystemExit(-1)
+
+    before = signal.getsignal(plugin.requeue_signal)
+    if handler == "submitit":
+        signal.signal(plugin.requeue_signal, submitit_handler)
+    try:
+        torch.manual_seed(0)
+        signalled = SignalledMidStep(plugin.requeue_signal, epoch=1, batch=1)
+        callbacks = [KilledAfterRequeue(run_dir), *([DeferredRequeue()] if deferred else [])]
+        with pytest.raises(SystemExit if handler == "submitit" else Preempted):
+            fit(fashion_root, run_dir, callbacks=callbacks, model=signalled, plugins=[plugin])
+        assert signal.getsignal(plugin.requeue_signal) == (submitit_handler if handler == "submitit" else before)
+    finally:
+        signal.signal(plugin.requeue_signal, before)
+    if handler == "submitit":
+        assert requeued == [["submitit requeue", ["hpc_ckpt_1.ckpt"]]]  # saved first, then handed over
+    else:
+        assert requeued == [["scontrol", "requeue", "4242"]]
     (checkpoint,) = run_dir.glob("hpc_ckpt_*.ckpt")
     torch.manual_seed(1)
     resumed = fit(fashion_root, tmp_path / "c", ckpt_path=str(checkpoint))

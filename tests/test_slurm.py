@@ -139,13 +139,85 @@ def test_under_ddp_every_rank_saves_the_requeue_checkpoint_at_the_same_step(monk
             asked.append((decision, all))
             return True  # another rank was signalled
 
-    env = SimpleNamespace(requeue_signal=signal.SIGUSR2)
-    trainer = SimpleNamespace(world_size=2, strategy=Strategy(), _accelerator_connector=SimpleNamespace(
-        cluster_environment=env))
+    accumulating = [False]
+    epoch_loop = SimpleNamespace(_should_accumulate=lambda: accumulating[0])
+    trainer = SimpleNamespace(world_size=2, strategy=Strategy(), fit_loop=SimpleNamespace(epoch_loop=epoch_loop))
     callback = DeferredRequeue()
-    callback._connector = Connector()
+    callback._connector, callback._signal = Connector(), int(signal.SIGUSR2)
     callback.on_train_batch_end(trainer, None, None, None, 0)
     assert asked == [(False, False)] and saved == [int(signal.SIGUSR2)]
-    trainer.world_size = 1  # one process: no collective, and nothing pending
+    trainer.world_size = 1  # one process: no collective; and a requeue was started: later signals ignored
+    callback._note_signal(int(signal.SIGUSR2), None)
     callback.on_train_batch_end(trainer, None, None, None, 1)
-    assert len(asked) == 1 and len(saved) == 1
+    assert len(asked) == 1 and len(saved) == 1 and callback.pending is None
+
+
+def test_the_requeue_checkpoint_waits_for_the_end_of_gradient_accumulation():
+    """A micro-batch that only accumulates is no step boundary: its partial .grad is in no checkpoint."""
+    from trigact.callbacks import DeferredRequeue
+
+    saved, accumulating = [], [True]
+
+    class Connector:
+        def _slurm_sigusr_handler_fn(self, signum, frame):
+            saved.append(signum)
+
+    epoch_loop = SimpleNamespace(_should_accumulate=lambda: accumulating[0])
+    trainer = SimpleNamespace(world_size=1, fit_loop=SimpleNamespace(epoch_loop=epoch_loop))
+    callback = DeferredRequeue()
+    callback._connector, callback._signal = Connector(), int(signal.SIGUSR2)
+    callback._note_signal(int(signal.SIGUSR2), None)
+    callback.on_train_batch_end(trainer, None, None, None, 0)
+    assert saved == [] and callback.pending == int(signal.SIGUSR2)
+    accumulating[0] = False  # the micro-batch that steps
+    callback.on_train_batch_end(trainer, None, None, None, 1)
+    assert saved == [int(signal.SIGUSR2)]
+
+
+def test_a_finished_fit_discards_its_requeue_checkpoints_so_that_test_uses_the_final_weights(tmp_path, monkeypatch):
+    """Where Lightning detects SLURM, trainer.test(ckpt_path=None) loads the newest hpc_ckpt_N.ckpt in
+    default_root_dir: after a resumed run, the attempt before's weights. train() discards them first."""
+    import torch
+
+    from trigact.callbacks.requeue import discard_requeue_checkpoints
+
+    for name, value in {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "trigact", "SLURM_JOB_ID": "1", "SLURM_NODEID": "0",
+                        "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODELIST": "localhost"}.items():
+        monkeypatch.setenv(name, value)
+
+    class Linear(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(4, 2)
+            self.tested_weight = None
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch[0]).sum()
+
+        def test_step(self, batch, batch_idx):
+            self.tested_weight = self.layer.weight.detach().clone()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.5)
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(8, 4)), batch_size=4)
+
+    def run(discard):
+        root = tmp_path / f"discard{discard}"
+        stale = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                          enable_model_summary=False, default_root_dir=root, enable_checkpointing=False)
+        torch.manual_seed(0)
+        stale.fit(Linear(), data)
+        stale.save_checkpoint(root / "hpc_ckpt_1.ckpt")  # an earlier attempt's requeue checkpoint
+        trainer = L.Trainer(max_epochs=3, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, default_root_dir=root, enable_checkpointing=False)
+        model = Linear()
+        trainer.fit(model, data, ckpt_path=str(root / "hpc_ckpt_1.ckpt"))
+        final = model.layer.weight.detach().clone()
+        if discard:
+            discard_requeue_checkpoints(trainer, root)
+        trainer.test(model, data, verbose=False)
+        return torch.equal(model.tested_weight, final)
+
+    assert run(discard=True)
+    assert not run(discard=False)  # Lightning's own behaviour, which the discard avoids

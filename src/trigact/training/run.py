@@ -17,7 +17,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from trigact.callbacks.requeue import with_deferred_requeue
+from trigact.callbacks.requeue import discard_requeue_checkpoints, with_deferred_requeue
 from trigact.common.devices import cpu_fallback
 from trigact.common.errors import TrigactError
 from trigact.common.io import atomic_write_json, atomic_write_text
@@ -142,6 +142,7 @@ def _train_attempt(cfg: DictConfig, trainer_cfg: DictConfig, run_dir: Path, bund
         if attempt is not None:
             attempt.trained = True
         loss = trainer.callback_metrics.get("train/loss")  # now: trainer.test resets the metrics
+        discard_requeue_checkpoints(trainer, run_dir)  # else a SLURM test would load the attempt before's
         results = trainer.test(module, datamodule=datamodule, verbose=False)[0]
         failed = False
     finally:
