@@ -144,7 +144,7 @@ def test_sanity_flags_fire_on_a_gradient_masked_victim_and_not_on_a_normal_one(d
     assert masked["checks"]["zero_gradient_share"] == 1.0
 
 
-def test_evaluate_threat_l6_writes_a_table_with_worst_case_and_the_level(shrunk_demo, tmp_path):
+def test_evaluate_threat_l6_writes_a_table_with_worst_case_and_the_level(shrunk_demo, tmp_path, capsys):
     """``python -m trigact.evaluate threat=L6`` on the demo's runs, shrunk: every attack per victim, the
     Theorem 2 row only where there is a trigger, the level in threat.json, and the sanity report."""
     import shutil
@@ -171,6 +171,14 @@ def test_evaluate_threat_l6_writes_a_table_with_worst_case_and_the_level(shrunk_
     assert worst[standard] < 0.2  # white box at 16/255 on an undefended digits model
     report = json.loads((out / "threat.json").read_text())
     assert report["threat"]["level"] == "L6" and set(report["sanity"]) == {standard, fixed}
+    # A relaunch (here under another name) attacks nothing again: every (victim, level) result is reused.
+    capsys.readouterr()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        again, _, out2 = run_evaluate(compose(config_name="evaluate", overrides=[*overrides[:2], "name=l6_again",
+                                                                               *overrides[3:]]))
+    assert capsys.readouterr().out.count("reusing adaptive result") == 2
+    assert sorted(again.cells, key=str) == sorted(matrix.cells, key=str)
+    assert (out2 / "table.md").read_text() == table
 
 
 def test_a_transfer_bank_records_its_attackers_level(shrunk_demo):
@@ -304,7 +312,7 @@ def test_evaluate_threat_l4_estimates_each_trigger_on_validation_images_and_scor
     assert cells[(standard, "pgd50_raw")] < matrix.clean[standard] - 0.3
 
 
-def test_the_pipeline_ladder_writes_one_table_over_levels(shrunk_demo, tmp_path):
+def test_the_pipeline_ladder_writes_one_table_over_levels(shrunk_demo, tmp_path, capsys):
     """pipeline.ladder on the shrunk demo, plus one same-paradigm surrogate run: L0 (a standard
     surrogate), L1 (an ensemble), L2 (a trigger-activation surrogate, attacked through its own
     deployed unit) and L6 (white box), each level its own matrix, and ladder.md/csv/png with a Mean and a
@@ -331,7 +339,7 @@ def test_the_pipeline_ladder_writes_one_table_over_levels(shrunk_demo, tmp_path)
             run_pipeline(bad)
     out = tmp_path / "outputs" / "pipeline" / "demo"
     rows = list(csv.DictReader((out / "ladder.csv").open()))
-    assert {(r["level"], r["row"]) for r in rows} == {("-", "Clean")} | {
+    assert {(r["level"], r["row"]) for r in rows} == {("-", "Clean"), ("all", "Worst case")} | {
         (lv, row) for lv in ("L0", "L1", "L2", "L6") for row in ("Mean", "Worst case")}
     for level in ("L0", "L1", "L2", "L6"):
         assert (out / "ladder" / level / "table.md").is_file()
@@ -342,5 +350,49 @@ def test_the_pipeline_ladder_writes_one_table_over_levels(shrunk_demo, tmp_path)
     groups = {r["group"] for r in rows}
     for g in groups:  # the white box is the floor of this ladder
         assert acc[("L6", "Worst case", g)] <= min(acc[(lv, "Worst case", g)] for lv in ("L0", "L1", "L2"))
+        # every level's attacks together: at most any one level's worst case
+        assert acc[("all", "Worst case", g)] <= min(acc[(lv, "Worst case", g)] for lv in ("L0", "L1", "L2", "L6"))
     text = (out / "ladder.md").read_text()
     assert "clamp active" in text and (out / "ladder.png").stat().st_size > 1000
+    # A relaunch reuses the banks and L6's finished results: the same ladder, nothing attacked again.
+    capsys.readouterr()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        run_pipeline(cfg)
+    stored = list((tmp_path / "outputs" / "threat" / "digits").rglob("meta.json"))
+    assert stored and capsys.readouterr().out.count("reusing adaptive result") == len(stored)
+    assert list(csv.DictReader((out / "ladder.csv").open())) == rows
+
+
+def _level(mask: list[int], surrogate: str, clean: float = 1.0):
+    from trigact.evaluation.matrix import RobustnessMatrix
+
+    right = torch.tensor(mask, dtype=torch.bool)
+    m = RobustnessMatrix(clean={"v": clean}, clean_n={"v": len(mask)})
+    m.cells.append({"victim": "v", "surrogate": surrogate, "attack": "a", "accuracy": right.float().mean().item(),
+                    "n": len(mask)})
+    m.per_image[("v", surrogate, "a")] = right
+    return m
+
+
+def test_the_ladders_last_row_is_the_worst_case_over_every_level(tmp_path):
+    """Each level leaves 3 of 4 images right, but not the same 3: an attacker who may run both levels'
+    attacks leaves 2. The row is below every level's, and left out (said) where the levels scored
+    other images."""
+    import csv
+
+    from trigact.threats.ladder import ENVELOPE_LEVEL, envelope, ladder_rows, write_ladder
+
+    levels = {"L0": _level([1, 1, 0, 1], "s"), "L6": _level([1, 0, 1, 1], "L6 white box")}
+    rows = {(r["level"], r["row"]): r["accuracy"] for r in ladder_rows(levels, {"g": ["v"]})}
+    assert rows[("L0", "Worst case")] == rows[("L6", "Worst case")] == 0.75
+    assert rows[(ENVELOPE_LEVEL, "Worst case")] == 0.5
+    write_ladder(levels, {"g": ["v"]}, tmp_path)
+    assert "| all | every attacker above | Worst case | 50.00" in (tmp_path / "ladder.md").read_text()
+    assert {r["level"] for r in csv.DictReader((tmp_path / "ladder.csv").open())} == {"-", "L0", "L6", "all"}
+
+    other = {"L0": _level([1, 1, 0, 1], "s"), "L6": _level([1, 0, 1, 1, 1], "L6 white box")}  # 5 images, not 4
+    merged, why = envelope(other)
+    assert merged is None and "did not score the same victims on the same images" in why
+    assert ENVELOPE_LEVEL not in {r["level"] for r in ladder_rows(other, {"g": ["v"]})}
+    write_ladder(other, {"g": ["v"]}, tmp_path)
+    assert "- no all-levels worst case: L6 and L0" in (tmp_path / "ladder.md").read_text()

@@ -106,6 +106,7 @@ def run_adaptive(cfg: DictConfig, batch_size: int, seed: int, n_eval, split: str
     """``threat=L4|L5|L6``: each victim attacked itself on the first ``n_eval`` images of ``split``."""
     from trigact.threats.evaluate import check_level_config, evaluate_adaptive
     from trigact.threats.levels import level_meta
+    from trigact.threats.store import store_root
 
     level_cfg = as_dict(cfg.threat)
     level, _, _ = check_level_config(level_cfg)
@@ -125,7 +126,8 @@ def run_adaptive(cfg: DictConfig, batch_size: int, seed: int, n_eval, split: str
         ax, ay = (torch.stack(t) for t in zip(*(own[i] for i in range(len(own)))))
         attacker = (ax, ay.long())
     matrix, sanity = evaluate_adaptive(victims, x, y.long(), level_cfg, seed=seed, batch_size=batch_size,
-                                       sanity=bool(cfg.get("sanity", True)), attacker=attacker)
+                                       sanity=bool(cfg.get("sanity", True)), attacker=attacker,
+                                       store=store_root(cfg.paths.output_dir, data_config_of(models)["name"]))
     out = write_results(matrix, groups, records, cfg.results_dir, intervals=bool(cfg.get("intervals", False)))
     atomic_write_json({"threat": level_meta(level), "config": level_cfg, "sanity": sanity}, Path(out) / "threat.json")
     flags = [f"- {name}: {flag}" for name, report in sanity.items() for flag in report.get("flags", [])]

@@ -463,6 +463,7 @@ def run_ladder(cfg: DictConfig, train_cfgs: dict, out: Path) -> Path:
     from trigact.threats.evaluate import evaluate_adaptive
     from trigact.threats.ladder import clamp_share, write_ladder
     from trigact.threats.levels import level_meta
+    from trigact.threats.store import store_root
 
     levels = ladder_levels(cfg)
     victims, records, columns, _ = victims_and_records(cfg, train_cfgs)
@@ -472,6 +473,7 @@ def run_ladder(cfg: DictConfig, train_cfgs: dict, out: Path) -> Path:
     images = evaluation_images(data, n_eval, split=split)
     x, y = (torch.stack(t) for t in zip(*(images[i] for i in range(len(images)))))
     y = y.long()
+    store = store_root(cfg.paths.output_dir, data["name"])  # finished (victim, level) results: reused
     matrices, reports = {}, {}
     for level, spec in levels.items():
         print(f"== ladder {level}: {level_meta(level)['name']}")
@@ -484,7 +486,7 @@ def run_ladder(cfg: DictConfig, train_cfgs: dict, out: Path) -> Path:
                 ax, ay = (torch.stack(t) for t in zip(*(own[i] for i in range(len(own)))))
                 attacker = (ax, ay.long())
             matrix, reports[level] = evaluate_adaptive(victims, x, y, spec["threat"], seed=cfg.seed,
-                                                       attacker=attacker)
+                                                       attacker=attacker, store=store)
         write_results(matrix, columns, [dict(r) for r in records], out / "ladder" / level,
                       intervals=bool(cfg.get("intervals", False)))
         matrices[level] = matrix

@@ -1,15 +1,19 @@
-"""Atomic file writes: a crash mid-write never leaves a half-written file under the final name."""
+"""Atomic file writes (a crash mid-write never leaves a half-written file under the final name) and
+folder locks (one writer at a time)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-from collections.abc import Mapping
 import secrets
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+from trigact.common.errors import TrigactError
 
 
 def _create_temp(path: Path) -> tuple[int, Path]:
@@ -63,6 +67,34 @@ def atomic_write_bytes(data: bytes, path) -> Path:
 def atomic_save_figure(fig, path, dpi: int = 120) -> Path:
     """A matplotlib Figure saved as PNG, atomically."""
     return _atomic(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
+
+
+@contextmanager
+def folder_lock(folder, name: str = ".lock", *, waiting: str, failing: str) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``<folder>/<name>`` (the folder is made): one writer of the folder,
+    the others wait for it (``waiting`` is printed once when they do). ``failing`` starts the one-line
+    error when the lock file cannot be made (a read-only output root).
+
+    The kernel drops the lock when its holder dies, however it dies, so a killed writer never leaves the
+    folder locked. (flock works across nodes on NFSv4 and Lustre with ``flock`` mounts.)
+    """
+    import fcntl
+
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = open(folder / name, "a+")
+    except OSError as err:
+        raise TrigactError(f"{failing}: {err.strerror or type(err).__name__} (read-only output root?)") from None
+    try:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(waiting)
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        yield
+    finally:
+        handle.close()  # releases the flock
 
 
 def tree_sha256(obj) -> str:

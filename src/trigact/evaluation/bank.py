@@ -45,7 +45,6 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -59,7 +58,7 @@ from trigact.threats.levels import level_meta, transfer_level
 from trigact.common.validate import parse_eps
 from trigact.common.errors import TrigactError
 from trigact.common.validate import check_name
-from trigact.common.io import atomic_write_bytes, atomic_write_json
+from trigact.common.io import atomic_write_bytes, atomic_write_json, folder_lock
 from trigact.common.devices import model_device
 
 BANK_FILE = "bank.safetensors"  # the data file new banks are written to (format 3)
@@ -531,31 +530,11 @@ def file_sha256(path) -> str:
     return digest.hexdigest()
 
 
-@contextmanager
-def _bank_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive flock on ``<bank>/.lock``: one crafter per bank, the others wait for it.
-
-    The kernel drops the lock when its holder dies, however it dies, so a killed crafter never
-    leaves the bank locked.
-    """
-    import fcntl
-
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        handle = open(path / LOCK_FILE, "a+")
-    except OSError as err:
-        raise TrigactError(
-            f"cannot craft TAE bank {path}: {err.strerror or type(err).__name__} (read-only output root?)"
-        ) from None
-    try:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"waiting for TAE bank {path}: another process is crafting it")
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        yield
-    finally:
-        handle.close()  # releases the flock
+def _bank_lock(path: Path):
+    """An exclusive flock on ``<bank>/.lock``: one crafter per bank, the others wait for it
+    (:func:`trigact.common.io.folder_lock`)."""
+    return folder_lock(path, LOCK_FILE, waiting=f"waiting for TAE bank {path}: another process is crafting it",
+                       failing=f"cannot craft TAE bank {path}")
 
 
 def _remove_stale(path: Path) -> None:

@@ -22,6 +22,7 @@ the TAEs are scored on the true deployed unit ``f_t``. The estimate's quality go
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import partial
 
 import lightning as L
 import torch
@@ -29,7 +30,7 @@ from torch import nn
 
 from trigact.common.errors import TrigactError
 from trigact.common.validate import parse_eps
-from trigact.evaluation.matrix import RobustnessMatrix
+from trigact.evaluation.matrix import RobustnessMatrix, restart_randomness
 from trigact.models.deployed import DeployedModel
 from trigact.threats.adaptive import applicable, build_adaptive
 from trigact.threats.estimate import (
@@ -42,6 +43,7 @@ from trigact.threats.estimate import (
 )
 from trigact.threats.levels import level_meta
 from trigact.threats.sanity import sanity_flags
+from trigact.threats.store import StoredResult, images_digest, result_key, stored, victim_identity
 
 ADAPTIVE_LEVELS = ("L4", "L5", "L6")
 BLACK_BOX_KINDS = frozenset({"square"})
@@ -128,11 +130,14 @@ def _attack_models(level: str, name: str, model: nn.Module, level_cfg: Mapping, 
 
 def evaluate_adaptive(victims: Mapping[str, nn.Module], x: torch.Tensor, y: torch.Tensor, level_cfg: Mapping,
                       seed: int = 0, batch_size: int = 256, sanity: bool = True,
-                      attacker: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[RobustnessMatrix, dict]:
+                      attacker: tuple[torch.Tensor, torch.Tensor] | None = None,
+                      store=None) -> tuple[RobustnessMatrix, dict]:
     """Every victim under every attack of the level; ``(matrix, report)`` where ``report`` maps a victim to
     :func:`~trigact.threats.sanity.sanity_flags` (L5, L6: the white-box worst case over the gradient
     attacks against each black-box attack's accuracy) and, for L4, the trigger estimate's quality.
-    ``attacker``: L4's own labelled images ``(x, y)``."""
+    ``attacker``: L4's own labelled images ``(x, y)``. ``store``: a folder (``<output_dir>/threat/<dataset>``)
+    where each (victim, level) result is kept and, on a relaunch, reused (:mod:`trigact.threats.store`);
+    None: everything is computed and nothing kept."""
     level, eps, attacks = check_level_config(level_cfg)
     meta = level_meta(level)
     surrogate = f"{level} {meta['name']}"
@@ -141,47 +146,73 @@ def evaluate_adaptive(victims: Mapping[str, nn.Module], x: torch.Tensor, y: torc
         for attack, spec in attacks.items():
             if applicable(spec, model):
                 build_adaptive(attack, _own(spec), model, eps)
+    check = bool(sanity and level != "L4")  # L4 attacks a stand-in, not f_t: its checks are L6's
+    images = own = None
+    if store is not None:
+        images = images_digest(x, y)
+        own = images_digest(*attacker) if level == "L4" and attacker is not None else None
     matrix, report = RobustnessMatrix(), {}
     for name, model in victims.items():
         model.eval()
-        clean = _correct(model, x, y, batch_size)
-        matrix.clean[name], matrix.clean_n[name] = clean.float().mean().item(), len(clean)
-        models, report[name] = _attack_models(level, name, model, level_cfg, attacks, attacker, seed, batch_size, x, y)
-        gradient, blackbox = [], {}
-        for attack, spec in attacks.items():
-            attacked = models[spec["through"]]
-            if not applicable(spec, attacked):  # e.g. trigger_flip on a victim without a trigger: "-" in the table
-                continue
-            L.seed_everything(seed, verbose=False)
-            fn = build_adaptive(attack, _own(spec), attacked, eps)
-            parts = []
-            for i in range(0, len(x), batch_size):
-                xb, yb = x[i : i + batch_size], y[i : i + batch_size]
-                adv = fn(xb, yb).detach()
-                if adv.shape != xb.shape or adv.min() < 0 or adv.max() > 1 or (adv - xb).abs().max() > eps + 1e-6:
-                    raise TrigactError(f"threat attack {attack} returned images outside [0, 1] or the eps ball "
-                                       f"(max |delta| {(adv - xb).abs().max().item():.5f} > eps {eps:.5f})")
-                parts.append(_correct(model, adv, yb, batch_size))  # scored on the victim itself
-            model.eval()  # torchattacks restores a wrapper's train mode recursively
-            mask = torch.cat(parts)
-            acc = mask.float().mean().item()
-            matrix.cells.append({"victim": name, "surrogate": surrogate, "attack": attack, "accuracy": acc, "n": len(mask)})
+        identity = victim_identity(model) if store is not None else None
+        key = None if identity is None else result_key(level, eps, level_cfg, identity, images, own, seed=seed,
+                                                       batch_size=batch_size, sanity=check)
+        result = stored(store, key, partial(_attack_victim, level, name, model, level_cfg, attacks, attacker, eps,
+                                            seed, batch_size, x, y, check))
+        matrix.clean[name], matrix.clean_n[name] = result.clean.float().mean().item(), len(result.clean)
+        for attack, mask in result.masks.items():
+            matrix.cells.append({"victim": name, "surrogate": surrogate, "attack": attack,
+                                 "accuracy": mask.float().mean().item(), "n": len(mask)})
             matrix.per_image[(name, surrogate, attack)] = mask
-            if spec.get("kind") in BLACK_BOX_KINDS:
-                blackbox[attack] = acc
-            else:
-                gradient.append(mask)
-        if sanity and level != "L4":  # L4 attacks a stand-in, not f_t: its checks are L6's
-            whitebox = None
-            if gradient:
-                robust = gradient[0].clone()
-                for mask in gradient[1:]:
-                    robust &= mask
-                whitebox = robust.float().mean().item()
-            report[name].update(sanity_flags(model, x, y, whitebox_acc=whitebox, weaker_accs=blackbox))
-            for flag in report[name]["flags"]:
+        report[name] = result.report
+        if result.reused and check:  # reused: its flags are said again, as when computed
+            for flag in report[name].get("flags", []):
                 print(f"sanity flag, victim {name}: {flag}")
     return matrix, report
+
+
+def _attack_victim(level: str, name: str, model: nn.Module, level_cfg: Mapping, attacks: Mapping, attacker,
+                   eps: float, seed: int, batch_size: int, x: torch.Tensor, y: torch.Tensor,
+                   check: bool) -> StoredResult:
+    """One victim under every applicable attack of the level, scored on the victim itself. A randomized
+    defense's stream restarts before the clean images and before each attack, as for the transfer
+    cells: a result does not depend on what was evaluated before it (nor on what a relaunch reused)."""
+    restart_randomness(model)
+    clean = _correct(model, x, y, batch_size).cpu()
+    models, report = _attack_models(level, name, model, level_cfg, attacks, attacker, seed, batch_size, x, y)
+    masks, gradient, blackbox = {}, [], {}
+    for attack, spec in attacks.items():
+        attacked = models[spec["through"]]
+        if not applicable(spec, attacked):  # e.g. trigger_flip on a victim without a trigger: "-" in the table
+            continue
+        L.seed_everything(seed, verbose=False)
+        restart_randomness(model)
+        fn = build_adaptive(attack, _own(spec), attacked, eps)
+        parts = []
+        for i in range(0, len(x), batch_size):
+            xb, yb = x[i : i + batch_size], y[i : i + batch_size]
+            adv = fn(xb, yb).detach()
+            if adv.shape != xb.shape or adv.min() < 0 or adv.max() > 1 or (adv - xb).abs().max() > eps + 1e-6:
+                raise TrigactError(f"threat attack {attack} returned images outside [0, 1] or the eps ball "
+                                   f"(max |delta| {(adv - xb).abs().max().item():.5f} > eps {eps:.5f})")
+            parts.append(_correct(model, adv, yb, batch_size))  # scored on the victim itself
+        model.eval()  # torchattacks restores a wrapper's train mode recursively
+        masks[attack] = torch.cat(parts).cpu()  # as the transfer cells' masks: the ladder ANDs them
+        if spec.get("kind") in BLACK_BOX_KINDS:
+            blackbox[attack] = masks[attack].float().mean().item()
+        else:
+            gradient.append(masks[attack])
+    if check:
+        whitebox = None
+        if gradient:
+            robust = gradient[0].clone()
+            for mask in gradient[1:]:
+                robust &= mask
+            whitebox = robust.float().mean().item()
+        report.update(sanity_flags(model, x, y, whitebox_acc=whitebox, weaker_accs=blackbox))
+        for flag in report["flags"]:
+            print(f"sanity flag, victim {name}: {flag}")
+    return StoredResult(clean, masks, report)
 
 
 def _own(spec: Mapping) -> dict:
