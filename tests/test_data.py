@@ -634,3 +634,23 @@ def test_fashion_config_reads_idx_files(tmp_path):
     dm.setup()
     x, _ = next(iter(dm.test_dataloader()))
     assert x.shape == (5, 1, 28, 28)
+
+
+def test_imagenet_decoder_is_chosen_checked_and_part_of_the_bank_key(tmp_path):
+    """data.decoder picks PIL or torchvision.io for every file; an unknown one is one line; and the two
+    decoders' images never share banks (the key is image-defining)."""
+    from trigact.evaluation.crafting import data_identity
+
+    write_image_folder(tmp_path, ["a", "b"], per_class=2)
+    for decoder in ("torchvision", "pil"):
+        dm = ImageNetSubsetDataModule(root=str(tmp_path), num_classes=2, image_size=32, val_size=0, decoder=decoder)
+        dm.setup()
+        x, _ = dm.test_set[0]
+        assert x.shape == (3, 32, 32) and dm.test_set.base.loader.__name__ == (
+            "read_rgb" if decoder == "torchvision" else "read_rgb_pil")
+    with pytest.raises(TrigactError) as excinfo:
+        ImageNetSubsetDataModule(root=str(tmp_path), decoder="cv2")
+    assert_one_line_error(excinfo, "data.decoder='cv2'", "torchvision, pil")
+    cfg = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "imagenet_subset.yaml"))
+    assert cfg["decoder"] == "torchvision"
+    assert data_identity(cfg) != data_identity({**cfg, "decoder": "pil"})

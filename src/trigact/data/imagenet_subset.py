@@ -25,7 +25,20 @@ def read_rgb(path: str) -> torch.Tensor:
     try:
         return decode_image(path, mode=ImageReadMode.RGB)
     except (RuntimeError, ValueError):  # a format torchvision.io does not decode
-        return v2.functional.pil_to_tensor(pil_loader(path))
+        return read_rgb_pil(path)
+
+
+def read_rgb_pil(path: str) -> torch.Tensor:
+    """The image file at `path` decoded by PIL (torchvision ImageFolder's default loader), as uint8 RGB."""
+    return v2.functional.pil_to_tensor(pil_loader(path))
+
+
+# JPEG decoders may differ (the libjpeg build each links, its IDCT method and chroma upsampling), so
+# the same file can give other pixels under torchvision.io and PIL. (With torchvision 0.29.1 and this
+# machine's Pillow they gave identical pixels on a test JPEG; other builds need not.) `data.decoder` is
+# therefore an image-defining key: it is in every bank's key and run hash, so images decoded one way
+# never reuse banks of images decoded the other way.
+DECODERS = {"torchvision": read_rgb, "pil": read_rgb_pil}
 
 
 class FirstClassesImageFolder(ImageFolder):
@@ -35,9 +48,9 @@ class FirstClassesImageFolder(ImageFolder):
     the same classes with the same label indices 0..N-1.
     """
 
-    def __init__(self, root: str | Path, num_classes: int) -> None:
+    def __init__(self, root: str | Path, num_classes: int, decoder: str = "torchvision") -> None:
         self.num_classes = num_classes  # read by find_classes, which ImageFolder.__init__ calls
-        super().__init__(str(root), loader=read_rgb)
+        super().__init__(str(root), loader=DECODERS[decoder])
 
     def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
         classes, _ = super().find_classes(directory)
@@ -68,13 +81,18 @@ class ImageNetSubsetDataModule(TrigactDataModule):
     mean = (0.485, 0.456, 0.406)
     std = (0.229, 0.224, 0.225)
 
-    def __init__(self, root: str, num_classes: int = 100, image_size: int = 224, **loader_kwargs) -> None:
-        """`loader_kwargs`: batch_size, eval_batch_size, num_workers, seed, pin_memory, val_size, split_seed,
-        placement (base)."""
+    def __init__(self, root: str, num_classes: int = 100, image_size: int = 224, decoder: str = "torchvision",
+                 **loader_kwargs) -> None:
+        """`decoder`: `torchvision` (torchvision.io, PIL for the formats it lacks) or `pil` (PIL for every
+        file, as torchvision's ImageFolder and most reference pipelines decode). `loader_kwargs`:
+        batch_size, eval_batch_size, num_workers, seed, pin_memory, val_size, split_seed, placement (base)."""
+        if decoder not in DECODERS:
+            raise TrigactError(f"data.decoder={decoder!r}; allowed: {', '.join(DECODERS)}")
         super().__init__(**loader_kwargs)
         self.root = Path(root)
         self.num_classes = check_int(num_classes, "data.num_classes")
         self.image_size = check_int(image_size, "data.image_size")
+        self.decoder = decoder
 
     def _folder(self, split: str) -> FirstClassesImageFolder:
         directory = self.root / split
@@ -84,7 +102,7 @@ class ImageNetSubsetDataModule(TrigactDataModule):
                 "with train/<class>/ and val/<class>/ image folders"
             )
         try:
-            return FirstClassesImageFolder(directory, self.num_classes)
+            return FirstClassesImageFolder(directory, self.num_classes, self.decoder)
         except FileNotFoundError as err:  # torchvision: no class folder, or a chosen class without images
             if not any(entry.is_dir() for entry in directory.iterdir()):
                 problem = f"{str(directory)!r} has no class folders"
