@@ -172,3 +172,11 @@ def test_a_sparse_trigger_names_its_k_eps_and_alpha_in_the_folder(tmp_path):
     assert "sparse-learnable-k13-eps64-alpha16" in run_name(cfg)
     cfg = compose_config("train", ["data=digits", "model=small_cnn", "trigger=sparse", "trigger.k=0.2"], tmp_path)
     assert "sparse-k0.2-eps64" in run_name(cfg) and "alpha" not in run_name(cfg)
+
+
+def test_the_imagenet_decoder_is_part_of_the_run_hash(tmp_path):
+    """Images decoded by PIL or torchvision.io may differ: a model trained on one is another run."""
+    def name(*extra):
+        return run_name(compose_config("train", ["data=imagenet_subset", "model=small_cnn", *extra], tmp_path))
+
+    assert name() == name("data.decoder=torchvision") != name("data.decoder=pil")

@@ -55,7 +55,7 @@ def trigger_tag(trigger_cfg) -> str:
 # Trainer's own; a test checks them) counts as not set: writing a default out moves no run.
 HASHED = {
     "data": ("name", "_target_", "image_size", "augment", "num_classes", "split_seed", "test_fraction",
-             "val_fraction", "val_size", "batch_size", "seed"),
+             "val_fraction", "val_size", "batch_size", "seed", "decoder"),
     "model": None,
     "method": None,
     "trigger": None,
