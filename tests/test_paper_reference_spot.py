@@ -59,3 +59,23 @@ def test_setting_differences_flags_what_differs_from_the_paper_and_nothing_else(
     assert len(lines) == 4
     # CIFAR-100 trains for 100 epochs in the paper: 60 is a difference there
     assert any("paper: 100" in line for line in setting_differences("cifar100", {"a": {**paper, "data": {**paper["data"], "name": "cifar100"}}}))
+
+
+def test_table_xi_runs_are_matched_to_the_papers_cells_by_name():
+    from trigact.analysis.paper import table11_cell
+
+    assert table11_cell("cifar10_fixed_eps64") == ("cifar10", "fixed_eps64", "")
+    assert table11_cell("cifar100_learnable_alpha4_vgg19_bn") == ("cifar100", "learnable_alpha4", "vgg19_bn")
+    assert table11_cell("imagenet100_learnable_alpha4_tv_resnet18") == ("imagenet100", "learnable_alpha4", "resnet18")
+    assert table11_cell("imagenet100_learnable_alpha4_inception_v4")[2] == "inception_v4"
+    for name in ("fmnist_fixed_eps64", "cifar10", "my_run"):  # no paper dataset: no cell (said in paper.md)
+        assert table11_cell(name) is None
+    # Every run the shipped config names has a paper cell.
+    import yaml
+
+    from trigact.common.config import CONF_DIR
+
+    runs = yaml.safe_load((Path(CONF_DIR) / "experiment" / "paper_table11_trigger_mse.yaml").read_text())["pipeline"]["runs"]
+    for name in runs:
+        dataset, defense, victim = table11_cell(name)
+        assert reference_value("XI", dataset, defense, "none", victim=victim, metric="mse_1e-2") is not None, name

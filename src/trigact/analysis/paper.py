@@ -149,6 +149,19 @@ def reference_value(table: str | int, dataset: str, defense: str, attack: str, v
     return None
 
 
+def table11_cell(run: str) -> tuple[str, str, str] | None:
+    """``(dataset, defense, victim)`` of a Table XI run named ``<dataset>_<defense>[_<arch>]`` (as
+    ``conf/experiment/paper_table11_trigger_mse.yaml`` names them: ``cifar10_fixed_eps64``,
+    ``imagenet100_learnable_alpha4_tv_resnet18`` -> victim ``resnet18``); None for a name that does not
+    start with one of the paper's datasets (it has no paper cell)."""
+    dataset, _, rest = str(run).partition("_")
+    if dataset not in DATASETS or not rest:
+        return None
+    parts = rest.split("_")
+    defense, arch = "_".join(parts[:2]), "_".join(parts[2:])
+    return dataset, defense, arch.removeprefix("tv_")
+
+
 # ---------------------------------------------------------------------------------- ours vs the paper
 def _number(value: Any, where: str) -> float | None:
     if value is None:

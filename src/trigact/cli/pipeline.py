@@ -137,23 +137,31 @@ def write_paper_comparison(cfg: DictConfig, rows: list[dict], out: Path, train_c
     Both list every setting that differs from the paper's (epochs, data, optimizer, attack budget,
     images scored: :func:`trigact.analysis.paper.setting_differences`), so that a smoke run or a
     shortened schedule is never read as a reproduction."""
-    from trigact.analysis.paper import PAPER_EPOCHS, read_ours_dict, reference_value, setting_differences, side_by_side
+    from trigact.analysis.paper import (PAPER_EPOCHS, read_ours_dict, reference_value, setting_differences, side_by_side,
+                                        table11_cell)
 
     spec = OmegaConf.to_container(cfg.pipeline.paper, resolve=True)
     lines = [f"# {cfg.pipeline.name}: ours beside the paper's Table {spec['table']}", ""]
     if spec.get("runs_by_name"):  # run <dataset>_<defense>[_<arch>] -> (dataset, victim, defense)
-        records = []
+        records, unnamed = [], []
         lines += ["| run | MSE(0, tau) (1e-2), ours | paper | delta |", "|---|---:|---:|---:|"]
         for row in rows:
             if row.get("trigger_mse") is None:
                 continue
-            dataset, _, rest = row["name"].partition("_")
-            defense, arch = (rest, "") if rest.count("_") <= 1 else ("_".join(rest.split("_")[:2]), "_".join(rest.split("_")[2:]))
+            cell = table11_cell(row["name"])
             ours = 100 * row["trigger_mse"]
-            paper = reference_value(spec["table"], dataset, defense, "none", victim=arch.removeprefix("tv_"), metric="mse_1e-2")
+            paper = None
+            if cell is None:
+                unnamed.append(row["name"])
+            else:
+                dataset, defense, arch = cell
+                paper = reference_value(spec["table"], dataset, defense, "none", victim=arch, metric="mse_1e-2")
             records.append({"run": row["name"], "ours": ours, "paper": paper})
             delta = "-" if paper is None else f"{ours - paper:+.2f}"
             lines.append(f"| {row['name']} | {ours:.2f} | {'-' if paper is None else f'{paper:.2f}'} | {delta} |")
+        if unnamed:  # said, not a silent "-": the paper's cell is found by the run's name
+            lines += ["", f"No paper cell for {', '.join(unnamed)}: a run is matched to Table XI by its name, "
+                      "<dataset>_<defense>[_<arch>] with dataset one of the paper's (cifar10, cifar100, imagenet100)."]
         table = "\n".join(lines) + "\n"
     else:
         ours = read_ours_dict(out)
