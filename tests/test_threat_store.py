@@ -193,3 +193,24 @@ def test_a_defended_victim_is_keyed_by_its_defense_and_the_content_of_its_weight
     key = {"level": "L6", "victim": {**first, "run": "/__x__bundle", "defense": {"name": "nrp"}}}
     path = result_dir(tmp_path / "root", key)
     assert path.parent.parent == tmp_path / "root" and path.name.startswith("L6-nrp-")
+
+
+def test_a_victims_files_are_hashed_once_per_process_until_they_change(tmp_path, monkeypatch):
+    """Every level asks for each victim's identity: its bundle is read once, and again only once it changes."""
+    import os
+
+    from torch import nn
+
+    from trigact.threats import store
+
+    bundle = tmp_path / "bundle.pt"
+    bundle.write_bytes(b"weights of f")
+    model = nn.Identity()
+    model.meta = {"path": str(bundle), "defense": None}
+    reads = []
+    monkeypatch.setattr(store, "file_sha256", lambda path: reads.append(path) or f"digest{len(reads)}")
+    first = [store.victim_identity(model) for _ in range(3)]
+    assert len(reads) == 1 and first[0] == first[2]
+    bundle.write_bytes(b"weights of g")  # retrained in place: a new digest, not the remembered one
+    os.utime(bundle, ns=(1, 1))
+    assert store.victim_identity(model)["sha256"] != first[0]["sha256"] and len(reads) == 2

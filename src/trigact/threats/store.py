@@ -10,8 +10,8 @@ one victim more, reuses every (victim, level) result it finished. One folder per
         .lock                the flock held while the result is checked and computed
 
 The key holds everything that makes the result: the level's config and eps; the victim (its run, its
-bundle file's sha256, its defense's config); the sha256 of the evaluation images (quantized to uint8,
-as they are attacked) and labels, and of L4's attacker images; the seed; the batch size (random
+bundle file's sha256, its defense's config); the sha256 of the evaluation images (their float32 bytes,
+as they are attacked: already quantized to 255ths) and labels, and of L4's attacker images; the seed; the batch size (random
 starts are drawn per batch); whether the sanity checks ran; and :data:`FORMAT`, bumped whenever the
 code that computes a result changes what it computes. A victim not loaded from a bundle file has no
 identity and is never stored. A result without ``meta.json`` (an interrupted write) or whose data file
@@ -37,7 +37,7 @@ from torch import nn
 from trigact.common.errors import TrigactError
 from trigact.common.io import atomic_write_bytes, atomic_write_json, folder_lock
 from trigact.common.validate import check_name
-from trigact.evaluation.bank import file_sha256, key_hash
+from trigact.evaluation.bank import _jsonable, file_sha256, key_hash
 from trigact.models.deployed import run_id
 
 FORMAT = 1
@@ -57,8 +57,17 @@ class StoredResult:
     reused: bool = False  # loaded from ``path``, not computed by this launch
 
 
-def _jsonable(obj):
-    return json.loads(json.dumps(obj, default=str, sort_keys=True))
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def _file_digest(path: Path) -> str:
+    """sha256 of a file, computed once per (path, size, mtime) in this process: every level of a ladder
+    asks for each victim's bundle and weight files, which can be hundreds of MB (a DiffPure UNet)."""
+    stat = path.stat()
+    memo = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if memo not in _DIGESTS:
+        _DIGESTS[memo] = file_sha256(path)
+    return _DIGESTS[memo]
 
 
 def _content(value):
@@ -67,10 +76,10 @@ def _content(value):
     if isinstance(value, str) and value and Path(value).exists():
         path = Path(value)
         if path.is_file():
-            return {"sha256": file_sha256(path)}
+            return {"sha256": _file_digest(path)}
         digest = hashlib.sha256()
         for f in sorted(q for q in path.rglob("*") if q.is_file()):
-            digest.update(f"{f.relative_to(path).as_posix()}:{file_sha256(f)}\n".encode())
+            digest.update(f"{f.relative_to(path).as_posix()}:{_file_digest(f)}\n".encode())
         return {"tree_sha256": digest.hexdigest()}
     return value
 
@@ -85,7 +94,7 @@ def victim_identity(model: nn.Module) -> dict | None:
     defense = meta.get("defense")
     if isinstance(defense, Mapping):
         defense = {k: _content(v) for k, v in defense.items()}
-    return {"run": run_id(meta), "sha256": file_sha256(path), "defense": _jsonable(defense)}
+    return {"run": run_id(meta), "sha256": _file_digest(Path(path)), "defense": _jsonable(defense)}
 
 
 def images_digest(x: torch.Tensor, y: torch.Tensor) -> dict:
